@@ -1,0 +1,193 @@
+"""CLIP backbone layer over open_clip: loading, transforms, text classifiers, and a
+tapped image forward (CLS embedding, projected patch tokens, CLS->patch attention of
+chosen layers, and a parameter-shared D-V branch) in one pass.
+
+ResNet (ModifiedResNet) backbones: loading, transforms, text classifiers and the
+global embedding work; `encode_image_taps` needs a ViT and raises for ResNets.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torchvision import transforms as T
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+TEMPLATE_SETS: Dict[str, Sequence[str]] = {
+    "photo": ("a photo of a {}.",),
+    "openai_imagenet": tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES),
+    "simple_imagenet": tuple(t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES),
+}
+
+_configs_registered = False
+
+
+def register_model_configs() -> None:
+    """Make the harness's tiny configs (algorithms/model_configs/*.json) known to open_clip."""
+    global _configs_registered
+    if not _configs_registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _configs_registered = True
+
+
+def resolve_templates(templates) -> Sequence[str]:
+    """A template-set name (see TEMPLATE_SETS), a single template with '{}', or a list."""
+    if isinstance(templates, str):
+        if templates in TEMPLATE_SETS:
+            return TEMPLATE_SETS[templates]
+        if "{}" in templates:
+            return (templates,)
+        raise ValueError(f"unknown template set {templates!r}; known: {sorted(TEMPLATE_SETS)}")
+    templates = tuple(templates)
+    if not templates or not all("{}" in t for t in templates):
+        raise ValueError(f"templates must each contain '{{}}': {templates!r}")
+    return templates
+
+
+def load_clip(model_name: str = DEFAULT_MODEL, pretrained: Optional[str] = DEFAULT_PRETRAINED,
+              device="cpu"):
+    """Return (model, tokenizer). `pretrained` is an open_clip tag, a local checkpoint
+    file (loaded with weights_only=True), or None/'' for random init (tiny configs)."""
+    register_model_configs()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP model {model_name!r}; see open_clip.list_models() "
+                         f"or add a JSON config to {MODEL_CONFIG_DIR.name}/")
+    pretrained = pretrained or None
+    looks_like_file = pretrained and (os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES))
+    if looks_like_file and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"CLIP checkpoint not found: {pretrained}")
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
+                                       weights_only=True)
+    except (RuntimeError, KeyError, EOFError, OSError) as e:  # corrupt or mismatched checkpoint
+        raise RuntimeError(f"cannot load CLIP {model_name} weights from {pretrained}: "
+                           f"{str(e).splitlines()[0]}") from e
+    model.eval()
+    return model, open_clip.get_tokenizer(model_name)
+
+
+def image_size_of(model_name: str) -> int:
+    register_model_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown CLIP model {model_name!r}")
+    size = cfg["vision_cfg"]["image_size"]
+    return size[0] if isinstance(size, (list, tuple)) else int(size)
+
+
+def clip_transform(image_size: int, train: bool):
+    """CLIP preprocessing (AlignCLIP README step 3). Eval: Resize(bicubic)+CenterCrop;
+    train: RandomResizedCrop(scale 0.7-1)+HorizontalFlip; both CLIP mean/std."""
+    bicubic = T.InterpolationMode.BICUBIC
+    if train:
+        head = [T.RandomResizedCrop(image_size, scale=(0.7, 1.0), interpolation=bicubic),
+                T.RandomHorizontalFlip()]
+    else:
+        head = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
+    return T.Compose(head + [T.Lambda(_to_rgb), T.ToTensor(),
+                             T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+
+
+def _to_rgb(img):
+    return img.convert("RGB")
+
+
+@torch.no_grad()
+def text_classifier(model, tokenizer, classnames: Sequence[str], templates="photo",
+                    device="cpu") -> torch.Tensor:
+    """[C, D] L2-normalised class embeddings, averaged over a template ensemble."""
+    weights = open_clip.build_zero_shot_classifier(
+        model, tokenizer, list(classnames), resolve_templates(templates),
+        num_classes_per_batch=10, device=device, use_tqdm=len(classnames) > 50)
+    return weights.T.contiguous()
+
+
+@dataclass
+class ImageTaps:
+    """What one tapped forward returns. Embeddings are projected but not normalised."""
+    cls: torch.Tensor                                   # [B, D]
+    patches: torch.Tensor                               # [B, P, D]
+    cls_attn: Dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, P]
+    dv_patches: Optional[torch.Tensor] = None           # [B, P, D]
+
+
+def _check_tappable(visual) -> None:
+    if not isinstance(visual, VisionTransformer):
+        raise NotImplementedError(
+            f"attention taps need a ViT image tower; got {type(visual).__name__} "
+            "(ResNet backbones support only the global embedding)")
+    blocks = visual.transformer.resblocks
+    if (visual.attn_pool is not None or visual.pool_type != "tok"
+            or not visual.transformer.batch_first
+            or not all(isinstance(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv")
+                       for b in blocks)):
+        raise NotImplementedError("attention taps support open_clip ViTs with standard "
+                                  "blocks, CLS pooling and no attentional pooler")
+
+
+def _block(blk: ResidualAttentionBlock, x: torch.Tensor, want_attn: bool, want_v: bool):
+    """One open_clip residual block, computed from its own weights, with optional taps:
+    the head-averaged CLS-query attention row and the block's V-only (D-V) update."""
+    attn = blk.attn
+    B, N, D = x.shape
+    H = attn.num_heads
+    h = blk.ln_1(x)
+    q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(B, N, H, D // H).transpose(1, 2) for t in (q, k, v))  # [B,H,N,d]
+    out = F.scaled_dot_product_attention(q, k, v)
+    x = x + blk.ls_1(attn.out_proj(out.transpose(1, 2).reshape(B, N, D)))
+    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    cls_attn = dv_update = None
+    if want_attn:  # only the CLS row: [B,H,1,N], never the full N x N map
+        row = (q[:, :, :1] * (D // H) ** -0.5) @ k.transpose(-1, -2)
+        cls_attn = row.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+    if want_v:  # D-V: softmax(QK^T) replaced by the identity, each token keeps its own V
+        dv_update = blk.ls_1(attn.out_proj(v.transpose(1, 2).reshape(B, N, D)))
+    return x, cls_attn, dv_update
+
+
+def encode_image_taps(model, images: torch.Tensor, attn_layers: Sequence[int] = (),
+                      dv_start: Optional[int] = None) -> ImageTaps:
+    """Tapped forward of an open_clip ViT image tower, one pass.
+
+    attn_layers: 0-based block indices whose CLS->patch attention (head-averaged, over
+    the patch keys of the softmax over all keys) is returned.
+    dv_start: block index where the D-V branch forks. From there on the branch
+    accumulates each block's V-only attention update computed on the main stream
+    (CLIP Surgery's dual path, FFN skipped), so it adds one out-projection per block
+    and no second pass. The branch shares all weights with the main stream.
+    """
+    visual = model.visual
+    _check_tappable(visual)
+    blocks = visual.transformer.resblocks
+    if dv_start is not None and not 0 <= dv_start < len(blocks):
+        raise ValueError(f"dv_start={dv_start} outside 0..{len(blocks) - 1}")
+    bad = [i for i in attn_layers if not 0 <= i < len(blocks)]
+    if bad:
+        raise ValueError(f"attn_layers {bad} outside 0..{len(blocks) - 1}")
+    x = visual._embeds(images.to(visual.conv1.weight.dtype))
+    cls_attn, x_dv = {}, None
+    for i, blk in enumerate(blocks):
+        if i == dv_start:
+            x_dv = x
+        x_in = x
+        x, attn_row, dv_update = _block(blk, x_in, i in attn_layers, x_dv is not None)
+        if attn_row is not None:
+            cls_attn[i] = attn_row
+        if dv_update is not None:
+            x_dv = x_dv + dv_update
+    tokens = visual.ln_post(x) @ visual.proj
+    dv_patches = (visual.ln_post(x_dv[:, 1:]) @ visual.proj) if x_dv is not None else None
+    return ImageTaps(cls=tokens[:, 0], patches=tokens[:, 1:], cls_attn=cls_attn,
+                     dv_patches=dv_patches)

@@ -1,0 +1,36 @@
+from setuptools import setup
+
+setup(
+    name="clipbench",
+    version="0.1.0",
+    description="Benchmark harness for CLIP alignment and robustness methods on "
+                "DomainBed and Dassl/CoOp protocols",
+    python_requires=">=3.9",
+    packages=["algorithms", "trainers", "sweeps", "results"],
+    package_data={"algorithms": ["model_configs/*.json"],
+                  "trainers": ["configs/*/*.yaml"],
+                  "results": ["reference/*.csv"]},
+    install_requires=[
+        "torch>=2.1,<=2.14.1",
+        "torchvision>=0.16,<=0.29.1",
+        "open_clip_torch>=3.0,<4",
+        "numpy>=1.24",
+        "pandas>=2.0",
+        "pillow>=9.0",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        # DomainBed imports these at module level
+        "wilds>=2.0,<3",
+        "timm>=0.9",
+        # Dassl/CoOp runtime
+        "yacs>=0.1.8",
+        "tensorboard>=2.10",
+        "gdown>=4.0",
+        "scipy>=1.9",
+        "scikit-learn>=1.1",
+        "tabulate>=0.9",
+        "ftfy>=6.0",
+        "regex>=2022.1",
+    ],
+    extras_require={"test": ["pytest>=7", "webdataset>=0.2"]},
+)

@@ -1,0 +1,106 @@
+"""Install the pinned upstreams into third_party/ and hook the harness into them.
+
+    python third_party/install.py [--check]
+
+Clones DomainBed, Dassl.pytorch and CoOp with plain `git clone https://github.com/...`
+(so `git config url.<mirror>.insteadOf` redirects work), checks out the pins, installs
+Dassl editable without its dev-tool pins, and writes one .pth file into site-packages
+that puts DomainBed on sys.path and installs the harness's DomainBed import hook.
+Idempotent: what is already in place is left alone. Where an upstream cannot be
+cloned, one line says what is missing and what that disables; the rest still installs.
+"""
+import argparse
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PTH_NAME = "clipbench_upstream.pth"
+
+UPSTREAMS = {  # dir: (GitHub owner/name, pinned commit, what it enables)
+    "DomainBed": ("facebookresearch/DomainBed", "b93c22a1cfc3",
+                  "DomainBed algorithms, sweeps and collect_results"),
+    "Dassl.pytorch": ("KaiyangZhou/Dassl.pytorch", "c61a1b570ac6",
+                      "Dassl/CoOp trainers (train_coop.py)"),
+    "CoOp": ("KaiyangZhou/CoOp", "ff61507c7904", "CoOp datasets and trainers (train_coop.py)"),
+}
+
+
+def _git(*args, cwd=None):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def at_pin(path: Path, commit: str) -> bool:
+    if not (path / ".git").exists():
+        return False
+    head = _git("rev-parse", "HEAD", cwd=path)
+    return head.returncode == 0 and head.stdout.strip().startswith(commit)
+
+
+def fetch(name: str) -> bool:
+    repo, commit, enables = UPSTREAMS[name]
+    path = HERE / name
+    if at_pin(path, commit):
+        return True
+    if not (path / ".git").exists():
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+        partial = path.with_name(name + ".partial")
+        subprocess.run(["rm", "-rf", str(partial)], check=True)
+        clone = _git("clone", "-q", f"https://github.com/{repo}", str(partial))
+        if clone.returncode != 0:
+            subprocess.run(["rm", "-rf", str(partial)])
+            print(f"[install] {name} missing: cannot clone github.com/{repo} "
+                  f"({clone.stderr.strip().splitlines()[-1] if clone.stderr.strip() else 'no reason given'}); "
+                  f"disabled: {enables}")
+            return False
+        partial.rename(path)
+    checkout = _git("-c", "advice.detachedHead=false", "checkout", "-q", commit, cwd=path)
+    if checkout.returncode != 0:
+        print(f"[install] {name}: cannot check out pin {commit}: {checkout.stderr.strip()}; "
+              f"disabled: {enables}")
+        return False
+    print(f"[install] {name} at {commit}")
+    return True
+
+
+def dassl_installed() -> bool:
+    out = subprocess.run([sys.executable, "-c", "import dassl, os; print(os.path.realpath(dassl.__file__))"],
+                         capture_output=True, text=True)
+    return out.returncode == 0 and str(HERE / "Dassl.pytorch") in out.stdout
+
+
+def install_dassl():
+    if dassl_installed():
+        return
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation",
+                    "--no-deps", "-e", str(HERE / "Dassl.pytorch")], check=True)
+    print("[install] Dassl installed (editable, no dependency pins)")
+
+
+def write_pth(domainbed: bool):
+    """One .pth: repo root, DomainBed's clone, and the hook that registers the harness."""
+    lines = [str(REPO)]
+    if domainbed:
+        lines += [str(HERE / "DomainBed"), "import algorithms.domainbed_hook"]
+    content = "\n".join(lines) + "\n"
+    target = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
+    if not target.exists() or target.read_text() != content:
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(content)
+        tmp.replace(target)
+        print(f"[install] wrote {target.name} into site-packages")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()
+    ok = {name: fetch(name) for name in UPSTREAMS}
+    if ok["Dassl.pytorch"]:
+        install_dassl()
+    write_pth(domainbed=ok["DomainBed"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Dassl/CoOp trainers: thin adapters over algorithms/ (see trainers/dassl_adapter.py)."""

@@ -1,0 +1,115 @@
+"""Dassl adapter: one TrainerX per harness method, registered under the method's name.
+
+Config: each method's hyperparameters appear as cfg.TRAINER.<NAME>.<KEY> (upper-case
+keys, declared defaults), so YAML files and command-line opts can set them.
+Outputs: besides the `* accuracy: X%` lines CoOp's parse_test_res.py reads, every
+test writes `<OUTPUT_DIR>/results.json`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from dassl.engine import TRAINER_REGISTRY, TrainerX
+from yacs.config import CfgNode as CN
+
+from algorithms import clip_backbone, registry
+from results.records import write_json_atomic
+
+COOP_TEMPLATES = "coop"  # Dassl default: CoOp's per-dataset template (trainers/zsclip.py)
+
+
+def add_method_configs(cfg) -> None:
+    """Declare cfg.TRAINER.<NAME> for every harness method (before any YAML merge)."""
+    for name, method_cls in registry.methods().items():
+        node = CN()
+        for key, hp in method_cls.hparams().items():
+            node[key.upper()] = hp.default
+        if "TEMPLATES" in node:
+            node.TEMPLATES = COOP_TEMPLATES
+        cfg.TRAINER[name.upper()] = node
+
+
+def method_hparams(cfg, method_cls) -> dict:
+    node = cfg.TRAINER[method_cls.name.upper()]
+    hparams = {key: node[key.upper()] for key in method_cls.hparams()}
+    if hparams.get("templates") == COOP_TEMPLATES:
+        hparams["templates"] = coop_template(cfg.DATASET.NAME)
+    return hparams
+
+
+def coop_template(dataset_name: str) -> str:
+    coop_zsclip = sys.modules.get("trainers.zsclip") or sys.modules.get("coop.trainers.zsclip")
+    templates = getattr(coop_zsclip, "CUSTOM_TEMPLATES", {})
+    return templates.get(dataset_name, "photo")
+
+
+class CLIPMethodTrainer(TrainerX):
+    method_cls = None
+
+    def check_cfg(self, cfg):
+        name = self.method_cls.name
+        size = clip_backbone.image_size_of(cfg.TRAINER[name.upper()].CLIP_MODEL)
+        if tuple(cfg.INPUT.SIZE) != (size, size):
+            raise ValueError(f"INPUT.SIZE {tuple(cfg.INPUT.SIZE)} does not match "
+                             f"{cfg.TRAINER[name.upper()].CLIP_MODEL}'s image size {size}")
+
+    def build_model(self):
+        hparams = method_hparams(self.cfg, self.method_cls)
+        print(f"Building {self.method_cls.name} with {hparams}")
+        self.model = self.method_cls(self.dm.dataset.classnames, hparams, device=self.device)
+        self.model.to(self.device)
+        if not self.model.has_trainable_parameters():
+            self.max_epoch = 0  # nothing to train: train() goes straight to the test
+
+    def forward_backward(self, batch):
+        images, labels = self.parse_batch_train(batch)
+        summary = self.model.update(images, labels)
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        return summary
+
+    def parse_batch_train(self, batch):
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def model_inference(self, images):
+        return self.model.predict(images)
+
+    def load_model(self, directory, epoch=None):
+        if not self.get_model_names():
+            print(f"{self.method_cls.name} has no trained weights: nothing to load")
+            return
+        raise NotImplementedError("loading trained weights lands with the first trained method")
+
+    @torch.no_grad()
+    def test(self, split=None):
+        evaluate = self.evaluator.evaluate
+        metrics = {}
+
+        def evaluate_and_keep():
+            metrics.update(evaluate())
+            return metrics
+
+        self.evaluator.evaluate = evaluate_and_keep
+        try:
+            first = super().test(split)
+        finally:
+            self.evaluator.evaluate = evaluate
+        cfg = self.cfg
+        write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), {
+            "kind": "dassl", "trainer": cfg.TRAINER.NAME, "dataset": cfg.DATASET.NAME,
+            "subsample_classes": cfg.DATASET.SUBSAMPLE_CLASSES,
+            "num_shots": cfg.DATASET.NUM_SHOTS, "seed": cfg.SEED,
+            "split": split or cfg.TEST.SPLIT, "num_classes": self.num_classes,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        })
+        return first
+
+
+def register_trainers() -> None:
+    for name, method_cls in registry.methods().items():
+        if name not in TRAINER_REGISTRY.registered_names():
+            trainer = type(name, (CLIPMethodTrainer,), {"method_cls": method_cls,
+                                                        "__module__": __name__})
+            TRAINER_REGISTRY.register(trainer)
