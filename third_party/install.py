@@ -1,6 +1,9 @@
 """Install the pinned upstreams into third_party/ and hook the harness into them.
 
-    python third_party/install.py [--check]
+    python third_party/install.py [--harness]
+
+--harness first installs the harness itself (`pip install -e .[test]`) unless this
+clone is already the installed one.
 
 Clones DomainBed, Dassl.pytorch and CoOp with plain `git clone https://github.com/...`
 (so `git config url.<mirror>.insteadOf` redirects work), checks out the pins, installs
@@ -79,6 +82,23 @@ def install_dassl():
     print("[install] Dassl installed (editable, no dependency pins)")
 
 
+def harness_installed() -> bool:
+    import importlib.metadata as metadata
+    try:
+        dist = metadata.distribution("clipbench")
+    except metadata.PackageNotFoundError:
+        return False
+    direct_url = dist.read_text("direct_url.json") or ""
+    return REPO.as_uri() in direct_url
+
+
+def install_harness():
+    if not harness_installed():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO}[test]"],
+                       check=True)
+        print("[install] harness installed (editable)")
+
+
 def write_pth(domainbed: bool):
     """One .pth: repo root, DomainBed's clone, and the hook that registers the harness."""
     lines = [str(REPO)]
@@ -95,7 +115,9 @@ def write_pth(domainbed: bool):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args()
+    parser.add_argument("--harness", action="store_true", help="also pip install -e .[test]")
+    if parser.parse_args().harness:
+        install_harness()
     ok = {name: fetch(name) for name in UPSTREAMS}
     if ok["Dassl.pytorch"]:
         install_dassl()

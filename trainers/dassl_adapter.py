@@ -76,6 +76,11 @@ class CLIPMethodTrainer(TrainerX):
     def model_inference(self, images):
         return self.model.predict(images)
 
+    def resume_model_if_exist(self, directory):
+        if not self.get_model_names():  # Dassl's version fails with no registered model
+            return 0
+        return super().resume_model_if_exist(directory)
+
     def load_model(self, directory, epoch=None):
         if not self.get_model_names():
             print(f"{self.method_cls.name} has no trained weights: nothing to load")
