@@ -8,6 +8,7 @@ global embedding work; `encode_image_taps` needs a ViT and raises for ResNets.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -70,7 +71,8 @@ def load_clip(model_name: str = DEFAULT_MODEL, pretrained: Optional[str] = DEFAU
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
                                        weights_only=True)
-    except (RuntimeError, KeyError, EOFError, OSError) as e:  # corrupt or mismatched checkpoint
+    except (RuntimeError, KeyError, EOFError, OSError, ValueError,
+            pickle.UnpicklingError) as e:  # corrupt or mismatched checkpoint
         raise RuntimeError(f"cannot load CLIP {model_name} weights from {pretrained}: "
                            f"{str(e).splitlines()[0]}") from e
     model.eval()

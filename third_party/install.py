@@ -13,6 +13,7 @@ Idempotent: what is already in place is left alone. Where an upstream cannot be
 cloned, one line says what is missing and what that disables; the rest still installs.
 """
 import argparse
+import os
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PTH_NAME = "clipbench_upstream.pth"
+GITHUB = "https://github.com"
 
 UPSTREAMS = {  # dir: (GitHub owner/name, pinned commit, what it enables)
     "DomainBed": ("facebookresearch/DomainBed", "b93c22a1cfc3",
@@ -32,7 +34,8 @@ UPSTREAMS = {  # dir: (GitHub owner/name, pinned commit, what it enables)
 
 
 def _git(*args, cwd=None):
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
 def at_pin(path: Path, commit: str) -> bool:
@@ -51,10 +54,10 @@ def fetch(name: str) -> bool:
         subprocess.run(["rm", "-rf", str(path)], check=True)
         partial = path.with_name(name + ".partial")
         subprocess.run(["rm", "-rf", str(partial)], check=True)
-        clone = _git("clone", "-q", f"https://github.com/{repo}", str(partial))
+        clone = _git("clone", "-q", f"{GITHUB}/{repo}", str(partial))
         if clone.returncode != 0:
             subprocess.run(["rm", "-rf", str(partial)])
-            print(f"[install] {name} missing: cannot clone github.com/{repo} "
+            print(f"[install] {name} missing: cannot clone {GITHUB}/{repo} "
                   f"({clone.stderr.strip().splitlines()[-1] if clone.stderr.strip() else 'no reason given'}); "
                   f"disabled: {enables}")
             return False

@@ -1,0 +1,54 @@
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+THIRD_PARTY = REPO / "third_party"
+TINY = {"clip_model": "tiny-vit", "clip_pretrained": "", "templates": "photo"}
+
+os.environ.setdefault("CLIPBENCH_NUM_WORKERS", "0")
+
+
+def upstream_missing(name: str, module: str):
+    """Skip reason when an upstream is not installed at its pin in third_party/."""
+    if not (THIRD_PARTY / name / ".git").exists():
+        return f"{name} is not in third_party/ (run: python third_party/install.py)"
+    if importlib.util.find_spec(module) is None:
+        return f"{name} is in third_party/ but `import {module}` fails (rerun the installer)"
+    return None
+
+
+needs_domainbed = pytest.mark.skipif(bool(upstream_missing("DomainBed", "domainbed")),
+                                     reason=upstream_missing("DomainBed", "domainbed") or "")
+needs_coop = pytest.mark.skipif(
+    bool(upstream_missing("Dassl.pytorch", "dassl") or upstream_missing("CoOp", "dassl")),
+    reason=(upstream_missing("Dassl.pytorch", "dassl") or upstream_missing("CoOp", "dassl") or ""))
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    from sweeps import world
+    root = tmp_path_factory.mktemp("world")
+    return world.generate_world(root, seed=0, image_size=64, per_class_domain=10,
+                                compositional_per_class=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    from algorithms import clip_backbone
+    import torch
+    torch.manual_seed(0)
+    return clip_backbone.load_clip("tiny-vit", None)
+
+
+def run(cmd, cwd=REPO, env=None, timeout=600):
+    import subprocess
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+PY = sys.executable

@@ -1,0 +1,41 @@
+import importlib.util
+
+from tests.conftest import REPO
+
+
+def load_installer():
+    spec = importlib.util.spec_from_file_location("installer", REPO / "third_party" / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unreachable_upstream_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    installer = load_installer()
+    monkeypatch.setattr(installer, "HERE", tmp_path)
+    monkeypatch.setattr(installer, "GITHUB", (tmp_path / "no-such-host").as_uri())
+    assert installer.fetch("DomainBed") is False
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    assert "DomainBed missing" in lines[0] and "disabled: DomainBed algorithms" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pinned_checkout_is_a_no_op(tmp_path, monkeypatch, capsys):
+    import subprocess
+    installer = load_installer()
+    origin = tmp_path / "origin" / "facebookresearch" / "DomainBed"
+    origin.mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q", str(origin)], check=True)
+    subprocess.run(git + ["-C", str(origin), "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run(["git", "-C", str(origin), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    monkeypatch.setattr(installer, "HERE", tmp_path / "tp")
+    monkeypatch.setattr(installer, "GITHUB", (tmp_path / "origin").as_uri())
+    monkeypatch.setitem(installer.UPSTREAMS, "DomainBed", ("facebookresearch/DomainBed", head[:12], "x"))
+    (tmp_path / "tp").mkdir()
+    assert installer.fetch("DomainBed") is True
+    assert "at " + head[:12] in capsys.readouterr().out
+    assert installer.fetch("DomainBed") is True
+    assert capsys.readouterr().out == ""

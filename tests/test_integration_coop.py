@@ -1,0 +1,51 @@
+"""train_coop.py runs CoOp's train.py with the harness's trainers and CoOp's own
+dataset classes on the generated world in CoOp's OxfordPets layout."""
+import json
+
+from tests.conftest import PY, REPO, needs_coop, run
+
+pytestmark = needs_coop
+DATASET_CFG = str(REPO / "third_party" / "CoOp" / "configs" / "datasets" / "oxford_pets.yaml")
+TRAINER_CFG = str(REPO / "trainers" / "configs" / "ZSCLIP" / "tiny_vit.yaml")
+
+
+def train_coop(world, out, *extra):
+    return run([PY, "train_coop.py", "--trainer", "ZSCLIP", "--root", world["coop_root"],
+                "--dataset-config-file", DATASET_CFG, "--config-file", TRAINER_CFG,
+                "--output-dir", str(out), *extra], timeout=300)
+
+
+def test_base_and_new_print_parseable_accuracy(small_world, tmp_path):
+    base = train_coop(small_world, tmp_path / "base" / "seed1", "--seed", "1",
+                      "DATASET.NUM_SHOTS", "4", "DATASET.SUBSAMPLE_CLASSES", "base")
+    assert base.returncode == 0, base.stderr[-3000:]
+    new = train_coop(small_world, tmp_path / "new" / "seed1", "--seed", "1", "--eval-only",
+                     "--model-dir", str(tmp_path / "base" / "seed1"), "--load-epoch", "1",
+                     "DATASET.SUBSAMPLE_CLASSES", "new")
+    assert new.returncode == 0, new.stderr[-3000:]
+    records = {}
+    for split in ("base", "new"):
+        records[split] = json.loads((tmp_path / split / "seed1" / "results.json").read_text())
+        assert records[split]["subsample_classes"] == split
+        assert records[split]["num_classes"] == 5
+    parsed = run([PY, str(REPO / "third_party" / "CoOp" / "parse_test_res.py"), str(tmp_path / "base")])
+    assert f"accuracy: {records['base']['metrics']['accuracy']:.2f}%" in parsed.stdout
+    parsed = run([PY, str(REPO / "third_party" / "CoOp" / "parse_test_res.py"),
+                  str(tmp_path / "new"), "--test-log"])
+    assert f"accuracy: {records['new']['metrics']['accuracy']:.2f}%" in parsed.stdout
+
+
+def test_seed_zero_is_honoured(small_world, tmp_path):
+    result = train_coop(small_world, tmp_path / "s0", "--seed", "0", "--eval-only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Setting fixed seed: 0" in result.stdout
+    assert json.loads((tmp_path / "s0" / "results.json").read_text())["seed"] == 0
+
+
+def test_unknown_trainer_is_one_line_error(small_world, tmp_path):
+    result = run([PY, "train_coop.py", "--trainer", "ZSCLIPP", "--root", small_world["coop_root"],
+                  "--dataset-config-file", DATASET_CFG, "--config-file", TRAINER_CFG,
+                  "--output-dir", str(tmp_path / "x")], timeout=300)
+    assert result.returncode == 1
+    assert "error: ValueError" in result.stderr and "ZSCLIP" in result.stderr
+    assert "Traceback" not in result.stderr

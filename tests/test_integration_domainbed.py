@@ -1,0 +1,46 @@
+"""DomainBed's own sweep, training script and collect_results, run unchanged as
+subprocesses: registration must reach every process through the installed hook."""
+import json
+
+from sweeps import demo
+from tests.conftest import PY, TINY, needs_domainbed, run
+
+pytestmark = needs_domainbed
+
+
+def test_sweep_launch_then_collect_results(small_world, tmp_path):
+    out = tmp_path / "sweep"
+    hparams = {k: TINY[k] for k in ("clip_model", "clip_pretrained")}
+    args = demo.sweep_args(small_world["domainbed_root"], out, ["ZSCLIP"], hparams,
+                           steps=1, n_hparams=1, n_trials=1)
+    launched = run([PY, "-m", "domainbed.scripts.sweep", "launch", *args], cwd=tmp_path)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    jobs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(jobs) == 4 and all((j / "done").exists() for j in jobs)
+    record = json.loads((jobs[0] / "results.jsonl").read_text().splitlines()[-1])
+    assert record["args"]["algorithm"] == "ZSCLIP"
+    assert record["hparams"]["class_names"][:2] == ["arrow", "circle"]
+    assert 0.0 <= record["env0_in_acc"] <= 1.0
+    done_times = [(j / "done").stat().st_mtime for j in jobs]
+
+    again = run([PY, "-m", "domainbed.scripts.sweep", "launch", *args], cwd=tmp_path)
+    assert again.returncode == 0 and "Launched 0 jobs" in again.stdout
+    assert [(j / "done").stat().st_mtime for j in jobs] == done_times
+
+    collected = run([PY, "-m", "domainbed.scripts.collect_results", "--input_dir", str(out)],
+                    cwd=tmp_path)
+    assert collected.returncode == 0, collected.stderr[-2000:]
+    rows = [line for line in collected.stdout.splitlines() if line.startswith("ZSCLIP")]
+    assert rows, collected.stdout
+    iid_row = rows[0].split()
+    assert len([c for c in iid_row if c.replace(".", "").isdigit()]) >= 5  # 4 domains + avg
+
+
+def test_train_script_rejects_too_small_training_split(small_world, tmp_path):
+    result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "ZSCLIP",
+                  "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
+                  "--steps", "1", "--output_dir", str(tmp_path / "job"),
+                  "--hparams", json.dumps({**TINY, "batch_size": 500})], cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert "fewer than batch_size=500" in result.stdout + result.stderr  # train.py tees stderr
+    assert not (tmp_path / "job" / "done").exists()
