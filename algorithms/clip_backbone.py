@@ -70,13 +70,22 @@ def load_clip(model_name: str = DEFAULT_MODEL, pretrained: Optional[str] = DEFAU
         raise FileNotFoundError(f"CLIP checkpoint not found: {pretrained}")
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
-                                       weights_only=True)
+                                       weights_only=True,
+                                       force_quick_gelu=tag_uses_quick_gelu(model_name, pretrained))
     except (RuntimeError, KeyError, EOFError, OSError, ValueError,
             pickle.UnpicklingError) as e:  # corrupt or mismatched checkpoint
         raise RuntimeError(f"cannot load CLIP {model_name} weights from {pretrained}: "
                            f"{str(e).splitlines()[0]}") from e
     model.eval()
     return model, open_clip.get_tokenizer(model_name)
+
+
+def tag_uses_quick_gelu(model_name: str, pretrained: Optional[str]) -> bool:
+    """OpenAI weights were trained with QuickGELU; open_clip's plain configs (ViT-B-16)
+    use GELU, so a tag that needs QuickGELU forces it rather than run mismatched."""
+    if not pretrained or os.path.isfile(pretrained):
+        return False
+    return bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
 
 
 def image_size_of(model_name: str) -> int:

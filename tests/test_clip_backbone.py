@@ -112,3 +112,9 @@ def test_clip_transforms():
     torch.testing.assert_close(evaluated[:, 0, 0], (1 - torch.tensor(clip_backbone.OPENAI_DATASET_MEAN))
                                / torch.tensor(clip_backbone.OPENAI_DATASET_STD))
     assert clip_backbone.clip_transform(64, train=True)(img.convert("L")).shape == (3, 64, 64)
+
+
+def test_openai_tags_run_with_quick_gelu():
+    assert clip_backbone.tag_uses_quick_gelu("ViT-B-16", "openai")
+    assert not clip_backbone.tag_uses_quick_gelu("ViT-B-16", "laion2b_s34b_b88k")
+    assert not clip_backbone.tag_uses_quick_gelu("tiny-vit", None)
