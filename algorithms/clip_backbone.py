@@ -147,9 +147,14 @@ def _check_tappable(visual) -> None:
                                   "blocks, CLS pooling and no attentional pooler")
 
 
-def _block(blk: ResidualAttentionBlock, x: torch.Tensor, want_attn: bool, want_v: bool):
+DV_MODES = ("dv", "vvv")
+
+
+def _block(blk: ResidualAttentionBlock, x: torch.Tensor, want_attn: bool, dv_mode: Optional[str]):
     """One open_clip residual block, computed from its own weights, with optional taps:
-    the head-averaged CLS-query attention row and the block's V-only (D-V) update."""
+    the head-averaged CLS-query attention row and the block's update of the
+    parameter-shared branch: 'dv' (softmax(QK^T) replaced by the identity, each token
+    keeps its own V) or 'vvv' (CLIP Surgery's softmax(VV^T)V)."""
     attn = blk.attn
     B, N, D = x.shape
     H = attn.num_heads
@@ -163,13 +168,15 @@ def _block(blk: ResidualAttentionBlock, x: torch.Tensor, want_attn: bool, want_v
     if want_attn:  # only the CLS row: [B,H,1,N], never the full N x N map
         row = (q[:, :, :1] * (D // H) ** -0.5) @ k.transpose(-1, -2)
         cls_attn = row.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
-    if want_v:  # D-V: softmax(QK^T) replaced by the identity, each token keeps its own V
-        dv_update = blk.ls_1(attn.out_proj(v.transpose(1, 2).reshape(B, N, D)))
+    if dv_mode is not None:
+        branch = v if dv_mode == "dv" else F.scaled_dot_product_attention(v, v, v)
+        dv_update = blk.ls_1(attn.out_proj(branch.transpose(1, 2).reshape(B, N, D)))
     return x, cls_attn, dv_update
 
 
 def encode_image_taps(model, images: torch.Tensor, attn_layers: Sequence[int] = (),
-                      dv_start: Optional[int] = None) -> ImageTaps:
+                      dv_start: Optional[int] = None, dv_mode: str = "dv",
+                      visual=None) -> ImageTaps:
     """Tapped forward of an open_clip ViT image tower, one pass.
 
     attn_layers: 0-based block indices whose CLS->patch attention (head-averaged, over
@@ -178,8 +185,12 @@ def encode_image_taps(model, images: torch.Tensor, attn_layers: Sequence[int] = 
     accumulates each block's V-only attention update computed on the main stream
     (CLIP Surgery's dual path, FFN skipped), so it adds one out-projection per block
     and no second pass. The branch shares all weights with the main stream.
+    dv_mode: 'dv' (default, AlignCLIP) or 'vvv' (CLIP Surgery's V-V-V attention).
+    visual: an image tower to use instead of model.visual (e.g. a moving average).
     """
-    visual = model.visual
+    visual = visual if visual is not None else model.visual
+    if dv_mode not in DV_MODES:
+        raise ValueError(f"dv_mode {dv_mode!r} not in {DV_MODES}")
     _check_tappable(visual)
     blocks = visual.transformer.resblocks
     if dv_start is not None and not 0 <= dv_start < len(blocks):
@@ -193,7 +204,8 @@ def encode_image_taps(model, images: torch.Tensor, attn_layers: Sequence[int] = 
         if i == dv_start:
             x_dv = x
         x_in = x
-        x, attn_row, dv_update = _block(blk, x_in, i in attn_layers, x_dv is not None)
+        x, attn_row, dv_update = _block(blk, x_in, i in attn_layers,
+                                        dv_mode if x_dv is not None else None)
         if attn_row is not None:
             cls_attn[i] = attn_row
         if dv_update is not None:

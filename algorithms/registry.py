@@ -4,7 +4,13 @@ from __future__ import annotations
 import importlib
 from typing import Dict
 
-METHOD_MODULES = ("algorithms.zsclip",)
+METHOD_MODULES = (
+    "algorithms.zsclip",
+    "algorithms.finetune",
+    "algorithms.clipood",
+    "algorithms.alignclip",
+    "algorithms.linear_probe",
+)
 _METHODS: Dict[str, type] = {}
 
 

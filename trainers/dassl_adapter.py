@@ -8,6 +8,7 @@ test writes `<OUTPUT_DIR>/results.json`.
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 
 import torch
@@ -18,6 +19,7 @@ from algorithms import clip_backbone, registry
 from results.records import write_json_atomic
 
 COOP_TEMPLATES = "coop"  # Dassl default: CoOp's per-dataset template (trainers/zsclip.py)
+FROM_DASSL = ("batch_size", "total_steps")  # set by Dassl's own config, not TRAINER.<NAME>
 
 
 def add_method_configs(cfg) -> None:
@@ -25,15 +27,18 @@ def add_method_configs(cfg) -> None:
     for name, method_cls in registry.methods().items():
         node = CN()
         for key, hp in method_cls.hparams().items():
-            node[key.upper()] = hp.default
+            if key not in FROM_DASSL:
+                node[key.upper()] = hp.default
         if "TEMPLATES" in node:
             node.TEMPLATES = COOP_TEMPLATES
         cfg.TRAINER[name.upper()] = node
 
 
-def method_hparams(cfg, method_cls) -> dict:
+def method_hparams(cfg, method_cls, total_steps: int = 1) -> dict:
     node = cfg.TRAINER[method_cls.name.upper()]
-    hparams = {key: node[key.upper()] for key in method_cls.hparams()}
+    derived = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "total_steps": total_steps}
+    hparams = {key: derived[key] if key in FROM_DASSL else node[key.upper()]
+               for key in method_cls.hparams()}
     if hparams.get("templates") == COOP_TEMPLATES:
         hparams["templates"] = coop_template(cfg.DATASET.NAME)
     return hparams
@@ -56,11 +61,15 @@ class CLIPMethodTrainer(TrainerX):
                              f"{cfg.TRAINER[name.upper()].CLIP_MODEL}'s image size {size}")
 
     def build_model(self):
-        hparams = method_hparams(self.cfg, self.method_cls)
+        total_steps = max(1, self.max_epoch * len(self.train_loader_x))
+        hparams = method_hparams(self.cfg, self.method_cls, total_steps)
         print(f"Building {self.method_cls.name} with {hparams}")
         self.model = self.method_cls(self.dm.dataset.classnames, hparams, device=self.device)
         self.model.to(self.device)
-        if not self.model.has_trainable_parameters():
+        if self.model.has_trainable_parameters():
+            # the method steps its own optimizer and per-step schedule
+            self.register_model("model", self.model, self.model.optimizer, None)
+        else:
             self.max_epoch = 0  # nothing to train: train() goes straight to the test
 
     def forward_backward(self, batch):
@@ -82,10 +91,25 @@ class CLIPMethodTrainer(TrainerX):
         return super().resume_model_if_exist(directory)
 
     def load_model(self, directory, epoch=None):
+        """Dassl's layout (<dir>/<name>/model.pth.tar-<epoch> or model-best.pth.tar),
+        loaded with weights_only=True; class-dependent buffers are rebuilt, not loaded."""
         if not self.get_model_names():
             print(f"{self.method_cls.name} has no trained weights: nothing to load")
             return
-        raise NotImplementedError("loading trained weights lands with the first trained method")
+        if not directory:
+            raise FileNotFoundError(f"{self.method_cls.name} needs --model-dir to evaluate")
+        filename = "model-best.pth.tar" if epoch is None else f"model.pth.tar-{epoch}"
+        for name in self.get_model_names():
+            path = os.path.join(directory, name, filename)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no checkpoint at {path}")
+            try:
+                checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+                self._models[name].load_state_dict(checkpoint["state_dict"])
+            except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+                raise RuntimeError(f"cannot load {path} into {self.method_cls.name}: "
+                                   f"{str(e).strip().splitlines()[0]}") from None
+            print(f"Loaded {path} (epoch {checkpoint.get('epoch')})")
 
     @torch.no_grad()
     def test(self, split=None):

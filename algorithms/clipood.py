@@ -1,0 +1,43 @@
+"""CLIPood (Shu et al., ICML 2023; thuml/CLIPood engine.py): margin metric softmax
+on a fine-tuned image encoder against frozen class text features, with a Beta moving
+average of the weights for prediction (algorithms/finetune.py).
+
+Margin logits: z_c = tau * (<f, t_c> - alpha * <t_y, t_c>), f = normalised image
+feature, not re-normalised after subtracting alpha * t_y (as in the reference).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from algorithms.finetune import VisualFinetuner, finetune_hparams
+from algorithms.hparams import HParam, HParams
+from algorithms.registry import register_method
+
+
+def margin_logits(features: torch.Tensor, class_embeddings: torch.Tensor,
+                  labels: torch.Tensor, alpha: float, scale) -> torch.Tensor:
+    """features [B, D] normalised, class_embeddings [C, D] normalised, labels [B]."""
+    return scale * (features - alpha * class_embeddings[labels]) @ class_embeddings.T
+
+
+def clipood_hparams(dataset: str | None = None) -> HParams:
+    hparams = finetune_hparams(dataset)
+    hparams["margin_alpha"] = HParam(0.1 if dataset == "DomainNet" else 0.3,
+                                     lambda r: float(r.uniform(0.1, 0.5)))
+    return hparams
+
+
+@register_method
+class CLIPood(VisualFinetuner):
+    name = "CLIPood"
+
+    @staticmethod
+    def hparams(dataset: str | None = None) -> HParams:
+        return clipood_hparams(dataset)
+
+    def loss(self, images, labels):
+        features = F.normalize(self.visual(images), dim=-1)
+        logits = margin_logits(features, self.class_embeddings, labels,
+                               self.hp["margin_alpha"], self.logit_scale)
+        return F.cross_entropy(logits, labels), {}

@@ -1,0 +1,60 @@
+"""Linear probe: a linear classifier trained on frozen, normalised CLIP image features
+(AdamW + cosine schedule). `lp_init`: 'random' (the standard probe) or 'zeroshot'
+(weights start at logit_scale * text classifier, bias 0). A probe has no weights for
+classes it never saw, so it cannot be evaluated on new classes."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithms.hparams import HParams, choice, fixed, log_uniform
+from algorithms.method import CLIPMethod, clip_hparams
+from algorithms.registry import register_method
+
+
+@register_method
+class CLIPLP(CLIPMethod):
+    name = "CLIPLP"
+
+    @staticmethod
+    def hparams(dataset: str | None = None) -> HParams:
+        hparams = dict(clip_hparams())
+        hparams.update({
+            "lr": log_uniform(1e-3, -4.0, -2.0),
+            "weight_decay": log_uniform(1e-4, -6.0, -2.0),
+            "batch_size": choice(36, (24, 32, 36, 48)),
+            "total_steps": fixed(5000),
+            "lp_init": fixed("random"),
+        })
+        return hparams
+
+    def __init__(self, classnames, hparams, device=None):
+        super().__init__(classnames, hparams, device)
+        embeddings = self.class_embeddings
+        self.head = nn.Linear(embeddings.shape[1], embeddings.shape[0]).to(embeddings.device)
+        if hparams["lp_init"] == "zeroshot":
+            with torch.no_grad():
+                self.head.weight.copy_(self.logit_scale * embeddings)
+                self.head.bias.zero_()
+        elif hparams["lp_init"] != "random":
+            raise ValueError(f"lp_init {hparams['lp_init']!r} not in ('random', 'zeroshot')")
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=hparams["lr"],
+                                           weight_decay=hparams["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(1, int(hparams["total_steps"])))
+
+    def update(self, images, labels):
+        with torch.no_grad():
+            features = self.encode_image(images)
+        loss = F.cross_entropy(self.head(features), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: non-finite loss {loss.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": loss.item()}
+
+    def predict(self, images):
+        return self.head(self.encode_image(images))
