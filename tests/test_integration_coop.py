@@ -49,3 +49,23 @@ def test_unknown_trainer_is_one_line_error(small_world, tmp_path):
     assert result.returncode == 1
     assert "error: ValueError" in result.stderr and "ZSCLIP" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_alignclip_trains_on_base_and_evaluates_on_new(small_world, tmp_path):
+    cfg = str(REPO / "trainers" / "configs" / "AlignCLIP" / "tiny_vit.yaml")
+    common = ["--trainer", "AlignCLIP", "--root", small_world["coop_root"],
+              "--dataset-config-file", DATASET_CFG, "--config-file", cfg, "--seed", "1"]
+    base = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "base"),
+                "DATASET.NUM_SHOTS", "2", "DATASET.SUBSAMPLE_CLASSES", "base"], timeout=300)
+    assert base.returncode == 0, base.stderr[-3000:]
+    assert (tmp_path / "base" / "model" / "model.pth.tar-1").is_file()
+    new = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "new"), "--eval-only",
+               "--model-dir", str(tmp_path / "base"), "--load-epoch", "1",
+               "DATASET.SUBSAMPLE_CLASSES", "new"], timeout=300)
+    assert new.returncode == 0, new.stderr[-3000:]
+    assert "Loaded" in new.stdout and "* accuracy:" in new.stdout
+    missing = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "bad"), "--eval-only",
+                   "--model-dir", str(tmp_path / "base"), "--load-epoch", "7",
+                   "DATASET.SUBSAMPLE_CLASSES", "new"], timeout=300)
+    assert missing.returncode == 1 and "no checkpoint at" in missing.stderr
+    assert not (tmp_path / "bad" / "results.json").exists()

@@ -44,3 +44,20 @@ def test_train_script_rejects_too_small_training_split(small_world, tmp_path):
     assert result.returncode != 0
     assert "fewer than batch_size=500" in result.stdout + result.stderr  # train.py tees stderr
     assert not (tmp_path / "job" / "done").exists()
+
+
+def test_alignclip_job_trains_and_saves_only_the_image_encoder(small_world, tmp_path):
+    import torch
+    out = tmp_path / "job"
+    hparams = {**TINY, "batch_size": 8, "total_steps": 3}
+    result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "AlignCLIP",
+                  "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
+                  "--test_envs", "1", "--steps", "3", "--checkpoint_freq", "2",
+                  "--output_dir", str(out), "--hparams", json.dumps(hparams)], cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2]
+    assert {"loss", "loss_cls", "loss_aal", "loss_last"} <= set(records[-1])
+    saved = torch.load(out / "model.pkl", weights_only=True)["model_dict"]
+    prefixes = {k.split(".")[1] for k in saved}
+    assert prefixes == {"visual", "bma"}, prefixes

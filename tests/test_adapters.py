@@ -1,0 +1,51 @@
+"""The DomainBed and Dassl adapters are thin: same method, same hparams, same logits."""
+import types
+
+import torch
+
+from tests.conftest import TINY, needs_coop, needs_domainbed
+
+CLASSES = ["circle", "square", "star"]
+
+
+@needs_domainbed
+@needs_coop
+def test_domainbed_and_dassl_give_the_same_logits(tmp_path, tiny_clip):
+    import dassl.config
+    from dassl.engine.trainer import TrainerBase
+    from domainbed import algorithms, hparams_registry
+    from algorithms import domainbed_plugin
+    from trainers import dassl_adapter
+    domainbed_plugin.patch_loaded()
+
+    weights = tmp_path / "tiny.pt"
+    torch.save(tiny_clip[0].state_dict(), weights)
+    tiny = dict(TINY, clip_pretrained=str(weights))
+    hparams = dict(hparams_registry.default_hparams("AlignCLIP", "CLIPWorld"), **tiny)
+    hparams["class_names"] = CLASSES
+    torch.manual_seed(0)
+    domainbed_algorithm = algorithms.get_algorithm_class("AlignCLIP")((3, 64, 64), 3, 2, hparams)
+    domainbed_algorithm.update([(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0]))])
+
+    cfg = dassl.config.get_cfg_default()
+    dassl_adapter.add_method_configs(cfg)
+    cfg.DATASET.SUBSAMPLE_CLASSES = "all"
+    cfg.TRAINER.NAME = "AlignCLIP"
+    for key in ("CLIP_MODEL", "CLIP_PRETRAINED", "TEMPLATES"):
+        cfg.TRAINER.ALIGNCLIP[key] = tiny[key.lower()]
+    dassl_adapter.register_trainers()
+    from dassl.engine import TRAINER_REGISTRY
+    trainer = object.__new__(TRAINER_REGISTRY.get("AlignCLIP"))
+    TrainerBase.__init__(trainer)
+    trainer.cfg, trainer.device, trainer.max_epoch = cfg, torch.device("cpu"), 1
+    trainer.train_loader_x = [None] * 5000
+    trainer.dm = types.SimpleNamespace(dataset=types.SimpleNamespace(classnames=CLASSES))
+    trainer.build_model()
+
+    shared = {k: hparams[k] for k in domainbed_algorithm.method_cls.hparams()}
+    dassl_hparams = {k: trainer.model.hp[k] for k in shared}
+    assert dassl_hparams == {**shared, "batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE}
+    trainer.model.load_state_dict(domainbed_algorithm.method.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model_inference(images), domainbed_algorithm.predict(images))
