@@ -61,3 +61,21 @@ def test_alignclip_job_trains_and_saves_only_the_image_encoder(small_world, tmp_
     saved = torch.load(out / "model.pkl", weights_only=True)["model_dict"]
     prefixes = {k.split(".")[1] for k in saved}
     assert prefixes == {"visual", "bma"}, prefixes
+
+
+def test_full_random_search_sweep_is_laid_out(small_world, tmp_path):
+    """--n_hparams 20 --n_trials 3 with DomainBed's dummy launcher: every job is made,
+    with distinct random hyperparameters per hparams_seed."""
+    result = run([PY, "-m", "domainbed.scripts.sweep", "launch", "--datasets", "CLIPWorld",
+                  "--algorithms", "AlignCLIP", "CLIPood", "--data_dir", small_world["domainbed_root"],
+                  "--output_dir", str(tmp_path / "sweep"), "--command_launcher", "dummy",
+                  "--n_hparams", "20", "--n_trials", "3", "--skip_confirmation"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = [l for l in result.stdout.splitlines() if "domainbed.scripts.train" in l]
+    assert len(commands) == 2 * 3 * 20 * (4 + 6)  # algorithms x trials x hparams x test envs
+    from domainbed import hparams_registry
+    from domainbed.lib import misc
+    draws = {json.dumps(hparams_registry.random_hparams("AlignCLIP", "CLIPWorld",
+                                                        misc.seed_hash(h, 0)), sort_keys=True)
+             for h in range(1, 21)}
+    assert len(draws) == 20
