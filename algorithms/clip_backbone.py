@@ -214,3 +214,66 @@ def encode_image_taps(model, images: torch.Tensor, attn_layers: Sequence[int] = 
     dv_patches = (visual.ln_post(x_dv[:, 1:]) @ visual.proj) if x_dv is not None else None
     return ImageTaps(cls=tokens[:, 0], patches=tokens[:, 1:], cls_attn=cls_attn,
                      dv_patches=dv_patches)
+
+
+# --- spatial tokens (CALIP): the global embedding and every spatial token -------------
+
+def encode_image_tokens(model, images: torch.Tensor):
+    """(global [B, D], spatial [B, P, D]) from one run of open_clip's own image forward,
+    projected into the joint space, not normalised; `global` is exactly
+    `model.encode_image(images)`.
+
+    ViT: the patch tokens after ln_post and proj, as the CLS token is (captured from
+    ln_post's output). ModifiedResNet (attention pool): the attention pool's output at
+    every spatial query, i.e. the pool run with all HW+1 tokens as queries; its query 0
+    is the global embedding (what CALIP's modified CLIP returns, ZiyuGuo99/CALIP
+    clip/model.py AttentionPool2d).
+    """
+    from open_clip.modified_resnet import ModifiedResNet
+    visual = model.visual
+    captured = {}
+    if isinstance(visual, VisionTransformer):
+        if visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type != "tok":
+            raise NotImplementedError("spatial tokens need a ViT with CLS pooling, ln_post "
+                                      "on all tokens and no attentional pooler")
+
+        def keep_tokens(module, args, output):
+            captured["tokens"] = output
+        handle = visual.ln_post.register_forward_hook(keep_tokens)
+    elif isinstance(visual, ModifiedResNet):
+        def keep_tokens(module, args, output):
+            captured["tokens"] = attention_pool_all_queries(module, args[0])
+        handle = visual.attnpool.register_forward_hook(keep_tokens)
+    else:
+        raise NotImplementedError(f"spatial tokens: unsupported image tower {type(visual).__name__}")
+    try:
+        pooled = model.encode_image(images)
+    finally:
+        handle.remove()
+    tokens = captured["tokens"]
+    if isinstance(visual, VisionTransformer):
+        if tokens.dim() != 3 or tokens.shape[0] != images.shape[0]:
+            raise NotImplementedError("spatial tokens: ln_post did not see [B, N, width] tokens")
+        spatial = tokens[:, 1:]
+        if visual.proj is not None:
+            spatial = spatial @ visual.proj
+    else:
+        spatial = tokens[1:].transpose(0, 1)
+    return pooled, spatial
+
+
+def attention_pool_all_queries(pool, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ModifiedResNet AttentionPool2d with every token as a query: x [B, C, H, W]
+    -> [HW+1, B, D]; row 0 (the mean token's query) is what the pool itself returns."""
+    x = x.flatten(2).permute(2, 0, 1)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+    out, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight,
+        v_proj_weight=pool.v_proj.weight, in_proj_weight=None,
+        in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
+        use_separate_proj_weight=True, training=False, need_weights=False)
+    return out

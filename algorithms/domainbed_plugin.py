@@ -41,13 +41,20 @@ class _DomainBedAdapter:
             raise ValueError(f"{self.method_cls.name}: {len(classnames)} class names "
                              f"for {num_classes} classes")
         self.method = self.method_cls(classnames, hparams)
+        self._held_out_done = False  # see "held-out data" below
 
     def update(self, minibatches, unlabeled=None):
         images = torch.cat([x for x, _ in minibatches])
         labels = torch.cat([y for _, y in minibatches])
-        return self.method.update(images, labels)
+        selected = {}
+        if not self._held_out_done and not self.method.has_trainable_parameters():
+            # training-free: select before the first step, so DomainBed's record holds it
+            selected = _select_on_held_out(self, images.device)
+        return {**selected, **self.method.update(images, labels)}
 
     def predict(self, x):
+        if not self._held_out_done:
+            _select_on_held_out(self, x.device)
         return self.method.predict(x)
 
 
@@ -112,8 +119,11 @@ def _patch_datasets(module):
         for i, env in enumerate(self.datasets):
             env.transform = clip_backbone.clip_transform(size, train=augment and i not in test_envs)
         self.input_shape = (3, size, size)
+        _DATASETS[id(hparams)] = (hparams, self, tuple(test_envs))  # held-out data, below
 
     image_folder.__init__ = __init__
+    from domainbed.lib import misc
+    _patch_split_dataset(misc)
 
     for name, (dirname, environments) in harness_datasets().items():
         def init(self, root, test_envs, hparams, _dirname=dirname):
@@ -137,6 +147,107 @@ def _patch_fast_data_loader(module):
         upstream_init(self, dataset, weights, batch_size, num_workers)
 
     module.InfiniteDataLoader.__init__ = __init__
+
+
+# --- held-out data for methods that select on it -------------------------------------
+# A method may define select_on_validation(batches, data_key) and/or
+# select_on_test(batches, data_key) (e.g. CALIP's beta search). The adapter calls each
+# hook it has once: before the first update for a training-free method (its returned
+# numbers then go into DomainBed's results record), else before the first predict.
+# train.py splits each environment with misc.split_dataset before it builds the
+# algorithm and passes the dataset's hparams dict to the algorithm: the wrapped
+# split_dataset remembers every split, the dataset wrapper which dataset and test
+# environments belong to which hparams dict. The images are read with the eval
+# transform (DomainBed itself evaluates training-env out-splits with augmentation).
+
+SELECTION_HOOKS = (("select_on_validation", "validation"), ("select_on_test", "test"))
+HELD_OUT_BATCH_SIZE = 64
+_DATASETS = {}    # id(hparams) -> (hparams, dataset, test_envs)
+_OUT_SPLITS = {}  # id(split dataset) -> (that dataset, its out-split)
+
+
+def _patch_split_dataset(misc):
+    if getattr(misc.split_dataset, "_clipbench", False):
+        return
+    upstream = misc.split_dataset
+
+    def split_dataset(dataset, n, seed=0):
+        out, in_ = upstream(dataset, n, seed)
+        _OUT_SPLITS[id(dataset)] = (dataset, out)
+        return out, in_
+
+    split_dataset._clipbench = True
+    misc.split_dataset = split_dataset
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    """Chosen images of an image-folder environment, with a fixed transform."""
+
+    def __init__(self, env, indices, transform):
+        self.samples = [env.samples[i] for i in indices]
+        self.loader, self.transform = env.loader, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        return self.transform(self.loader(path)), label
+
+
+def held_out_data(hparams, which):
+    """(loader, data_key) of what a method may select on, or None when this process
+    built no splits for this hparams dict (the algorithm was not built by train.py).
+    'validation': the training environments' out-splits (what DomainBed's
+    training-domain validation selects on); 'test': every image (in, out and uda
+    splits) of the test environments."""
+    from algorithms import clip_backbone
+    entry = _DATASETS.get(id(hparams))
+    if entry is None or entry[0] is not hparams:
+        return None
+    _, dataset, test_envs = entry
+    envs = list(dataset.datasets)
+    if which == "validation":
+        parts = []
+        for i, env in enumerate(envs):
+            if i not in test_envs:
+                recorded = _OUT_SPLITS.get(id(env))
+                if recorded is None:
+                    return None
+                parts.append((env, recorded[1].keys))
+    else:
+        parts = [(envs[i], range(len(envs[i]))) for i in test_envs]
+    if not parts:
+        return None
+    transform = clip_backbone.clip_transform(
+        clip_backbone.image_size_of(hparams["clip_model"]), train=False)
+    views = [_EvalImages(env, indices, transform) for env, indices in parts]
+    loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(views),
+                                         batch_size=HELD_OUT_BATCH_SIZE, shuffle=False,
+                                         num_workers=dataset.N_WORKERS)
+    key = {"harness": "domainbed", "dataset": type(dataset).__name__,
+           "split": "out" if which == "validation" else "test_envs",
+           "envs": [env.root for env, _ in parts], "transform": repr(transform),
+           "items": [sample for view in views for sample in view.samples]}
+    return loader, key
+
+
+def _select_on_held_out(adapter, device) -> dict:
+    adapter._held_out_done = True
+    summary = {}
+    for hook_name, which in SELECTION_HOOKS:
+        hook = getattr(adapter.method, hook_name, None)
+        if not callable(hook):
+            continue
+        data = held_out_data(adapter.hparams, which)
+        if data is None:
+            warnings.warn(f"{adapter.method_cls.name}: no {which} data in this process "
+                          f"(not run by DomainBed's train.py?): {hook_name} skipped")
+            continue
+        loader, key = data
+        summary.update(hook(((x.to(device), y.to(device)) for x, y in loader),
+                            data_key=key) or {})
+    return summary
 
 
 # --- results ------------------------------------------------------------------------

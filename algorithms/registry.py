@@ -10,6 +10,7 @@ METHOD_MODULES = (
     "algorithms.clipood",
     "algorithms.alignclip",
     "algorithms.linear_probe",
+    "algorithms.calip",
 )
 _METHODS: Dict[str, type] = {}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import sys
 
 import torch
@@ -120,20 +121,73 @@ class CLIPMethodTrainer(TrainerX):
             metrics.update(evaluate())
             return metrics
 
+        selection = self.select_on_held_out()
         self.evaluator.evaluate = evaluate_and_keep
         try:
             first = super().test(split)
         finally:
             self.evaluator.evaluate = evaluate
         cfg = self.cfg
-        write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), {
+        record = {
             "kind": "dassl", "trainer": cfg.TRAINER.NAME, "dataset": cfg.DATASET.NAME,
             "subsample_classes": cfg.DATASET.SUBSAMPLE_CLASSES,
             "num_shots": cfg.DATASET.NUM_SHOTS, "seed": cfg.SEED,
             "split": split or cfg.TEST.SPLIT, "num_classes": self.num_classes,
             "metrics": {k: float(v) for k, v in metrics.items()},
-        })
+        }
+        if selection:
+            record["selection"] = selection
+        write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), record)
         return first
+
+    # A method may define select_on_validation(batches, data_key) and/or
+    # select_on_test(batches, data_key) (e.g. CALIP's beta search): each hook it has is
+    # called before every test with Dassl's val or test loader; what it returns goes
+    # into results.json as "selection". Where a dataset's val split is its test split
+    # (CoOp's ImageNet), validation uses up to VAL_FROM_TRAIN_PER_CLASS training images
+    # per class instead, read with the test transform.
+    SELECTION_HOOKS = (("select_on_validation", "val"), ("select_on_test", "test"))
+    VAL_FROM_TRAIN_PER_CLASS = 16
+
+    def select_on_held_out(self) -> dict:
+        summary = {}
+        for hook_name, split in self.SELECTION_HOOKS:
+            hook = getattr(self.model, hook_name, None)
+            if not callable(hook):
+                continue
+            loader, split = self.held_out_loader(split)
+            if loader is None:
+                print(f"{self.method_cls.name}: the dataset has no {split} split: "
+                      f"{hook_name} skipped")
+                continue
+            data = loader.dataset
+            key = {"harness": "dassl", "dataset": self.cfg.DATASET.NAME, "split": split,
+                   "transform": repr(data.transform),
+                   "items": [(item.impath, item.label) for item in data.data_source]}
+            batches = (self.parse_batch_test(batch) for batch in loader)
+            summary.update(hook(batches, data_key=key) or {})
+            summary["split"] = split
+        return summary
+
+    def held_out_loader(self, split):
+        if split == "test" or self.val_loader is None:
+            return (self.test_loader if split == "test" else None), split
+        paths = lambda loader: [item.impath for item in loader.dataset.data_source]  # noqa: E731
+        if self.test_loader is None or paths(self.val_loader) != paths(self.test_loader):
+            return self.val_loader, split
+        from dassl.data.data_manager import build_data_loader
+        rng, per_class = random.Random(self.cfg.SEED), {}
+        for item in self.dm.dataset.train_x:
+            per_class.setdefault(item.label, []).append(item)
+        shots = self.VAL_FROM_TRAIN_PER_CLASS
+        items = [item for label in sorted(per_class) for item in (
+            per_class[label] if len(per_class[label]) <= shots else rng.sample(per_class[label], shots))]
+        print(f"{self.method_cls.name}: {self.cfg.DATASET.NAME}'s val split is its test split: "
+              f"selecting on {len(items)} training images instead")
+        loader = build_data_loader(self.cfg, data_source=items,
+                                   batch_size=self.cfg.DATALOADER.TEST.BATCH_SIZE,
+                                   tfm=self.test_loader.dataset.transform, is_train=False)
+        return loader, "train_as_val"
 
 
 def register_trainers() -> None:
