@@ -116,7 +116,11 @@ class AlignCLIP(CLIPood):
         super().__init__(classnames, hparams, device)
         if hparams["loss_type"] not in LOSS_TYPES:
             raise ValueError(f"loss_type {hparams['loss_type']!r} not in {LOSS_TYPES}")
-        depth = len(self.visual.transformer.resblocks) if hasattr(self.visual, "transformer") else 0
+        needs_taps = hparams["use_aal"] or hparams["use_last_alignment"]
+        if needs_taps and not isinstance(self.visual, clip_backbone.VisionTransformer):
+            raise NotImplementedError(f"AlignCLIP's alignment losses need a ViT; "
+                                      f"{hparams['clip_model']} is {type(self.visual).__name__}")
+        depth = len(self.visual.transformer.resblocks) if needs_taps else 0
         self.attn_layers = tuple(range(min(int(hparams["aligned_layers"]), depth)))
         self.dv_start = max(0, depth - int(hparams["dv_layers"]))
         self.register_buffer("sls", sls_matrix(self.class_embeddings, hparams["sls_sharpness"]),
@@ -130,11 +134,13 @@ class AlignCLIP(CLIPood):
 
     def loss(self, images, labels):
         hp = self.hp
-        need_dv = hp["use_aal"] or hp["use_last_alignment"]
-        taps = clip_backbone.encode_image_taps(
-            self.clip, images, attn_layers=self.attn_layers if hp["use_aal"] else (),
-            dv_start=self.dv_start if need_dv else None, dv_mode=hp["dv_mode"], visual=self.visual)
-        features = F.normalize(taps.cls, dim=-1)
+        if hp["use_aal"] or hp["use_last_alignment"]:
+            taps = clip_backbone.encode_image_taps(
+                self.clip, images, attn_layers=self.attn_layers if hp["use_aal"] else (),
+                dv_start=self.dv_start, dv_mode=hp["dv_mode"], visual=self.visual)
+            features = F.normalize(taps.cls, dim=-1)
+        else:
+            features = F.normalize(self.visual(images), dim=-1)
         logits = margin_logits(features, self.class_embeddings, labels, hp["margin_alpha"],
                                self.logit_scale)
         loss = self.classification_loss(logits, labels)

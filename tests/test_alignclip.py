@@ -168,3 +168,10 @@ def test_prediction_uses_the_moving_average():
     reloaded = make("CLIPood")
     reloaded.load_state_dict(method.state_dict())
     torch.testing.assert_close(reloaded.predict(BATCH[0]), averaged)
+
+
+def test_alignment_needs_a_vit_but_the_ablation_without_it_runs_on_resnets():
+    with pytest.raises(NotImplementedError, match="need a ViT"):
+        make("AlignCLIP", clip_model="tiny-rn")
+    plain = make("AlignCLIP", clip_model="tiny-rn", use_aal=False, use_last_alignment=False)
+    assert set(plain.update(*BATCH)) >= {"loss", "loss_cls"}
