@@ -6,7 +6,6 @@ module in domainbed_hook.PATCHED_MODULES has been imported.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -252,21 +251,9 @@ def _select_on_held_out(adapter, device) -> dict:
 
 # --- results ------------------------------------------------------------------------
 
-def read_jsonl(path):
-    """Records of a results.jsonl; a truncated or corrupt line is skipped with a warning."""
-    records = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                warnings.warn(f"{path}:{line_no}: skipping a truncated or corrupt record")
-    return records
-
-
 def _patch_reporting(module):
+    from results.records import read_jsonl
+
     def load_records(path):
         records = []
         for subdir in sorted(os.listdir(path)):

@@ -8,7 +8,6 @@ frozen, LayerNorm affine weights still train), and an optional Beta moving avera
 from __future__ import annotations
 
 import copy
-import math
 from typing import Dict
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from algorithms.hparams import HParam, HParams, choice, fixed, log_uniform
+from algorithms.hparams import HParams, choice, fixed, log_uniform
 from algorithms.method import CLIPMethod, clip_hparams
 from algorithms.registry import register_method
 

@@ -11,7 +11,6 @@ sum_k a_k * (foreground fraction of patch k).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np

@@ -1,0 +1,246 @@
+"""Dassl/CoOp runs: `<run dir>/results.json` written by trainers/dassl_adapter.py
+({"kind": "dassl", "trainer", "dataset", "subsample_classes", "num_shots", "seed",
+"split", "num_classes", "metrics": {"accuracy", ...}}, accuracy in %).
+
+Protocol of a run: its record's "protocol" field when present (`base2new`, `xd`, `dg`,
+`fewshot`, `source`); else inferred:
+- subsample_classes base or new -> base-to-new;
+- ImageNetV2 / ImageNetSketch / ImageNetA / ImageNetR -> domain generalization target;
+- ImageNet (all classes) -> the source column of the cross-dataset and DG tables (of
+  the few-shot table when there are no cross-dataset or DG targets);
+- any other dataset, all classes: num_shots > 0 -> few-shot on that dataset (it was
+  trained there), else -> cross-dataset target (evaluated with a model trained on
+  ImageNet, as CoCoOp's xd_test.sh does; zero-shot methods land here too).
+
+Tables: per dataset Base / New / HM and their average over datasets (CoCoOp Table 1),
+cross-dataset and DG (rows trainers, columns datasets). Cells are mean ± std over seeds
+(population std, as CoOp's parse_test_res.py); HM is the harmonic mean of the mean
+base and mean new accuracy, and the average row's HM that of the averaged base and new
+(as the published tables). Rows are trainers (a trainer's runs with several shot
+counts are pooled, with a note). Only `split == "test"` results are tabulated. A run
+folder with a Dassl log but no results.json is counted as unfinished.
+"""
+from __future__ import annotations
+
+import collections
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from results import reference
+from results.kinds import Kind, register
+from results.records import read_json
+from results.tables import Cell, Table, harmonic_mean, mean_std
+
+IMAGENET = "ImageNet"
+DG_TARGETS = ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
+# CoOp's DATASET.NAME of the 11 datasets, in the published tables' order
+BASE2NEW = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101",
+            "FGVCAircraft", "SUN397", "DescribableTextures", "EuroSAT", "UCF101")
+PROTOCOLS = ("base2new", "xd", "dg", "fewshot", "source")
+REQUIRED = ("trainer", "dataset", "subsample_classes", "seed", "metrics")
+
+
+@dataclass(frozen=True)
+class Run:
+    trainer: str
+    dataset: str
+    subsample: str  # all | base | new
+    shots: int
+    seed: int
+    protocol: str
+    accuracy: float
+    path: str
+
+
+@dataclass
+class Runs:
+    runs: list[Run] = field(default_factory=list)
+    unfinished: int = 0
+    other_splits: int = 0
+
+    def __bool__(self):
+        return bool(self.runs)
+
+
+# --- loading ------------------------------------------------------------------------
+
+def protocol_of(record) -> str:
+    if record.get("protocol") in PROTOCOLS:
+        return record["protocol"]
+    dataset, shots = record["dataset"], int(record.get("num_shots") or -1)
+    if record["subsample_classes"] in ("base", "new"):
+        return "base2new"
+    if dataset in DG_TARGETS:
+        return "dg"
+    if dataset == IMAGENET:
+        return "source"
+    return "fewshot" if shots > 0 else "xd"
+
+
+def to_run(record, path) -> Run | None:
+    """A Run from a dassl record, or None (with a warning when it is malformed)."""
+    missing = [k for k in REQUIRED if k not in record]
+    accuracy = record.get("metrics", {}).get("accuracy") if isinstance(
+        record.get("metrics"), dict) else None
+    if missing or accuracy is None:
+        warnings.warn(f"{path}: skipping a dassl record without "
+                      f"{', '.join(missing) or 'metrics.accuracy'}")
+        return None
+    return Run(record["trainer"], record["dataset"], record["subsample_classes"],
+               int(record.get("num_shots") or -1), int(record["seed"]), protocol_of(record),
+               float(accuracy), str(path))
+
+
+def load_runs(paths) -> Runs:
+    runs, seen = Runs(), {}
+    json_dirs = {Path(p).parent for p in paths if Path(p).name == "results.json"}
+    runs.unfinished = len({Path(p).parent for p in paths if Path(p).name.startswith("log.txt")}
+                          - json_dirs)
+    for path in (p for p in paths if Path(p).name == "results.json"):
+        record = read_json(path)
+        if not isinstance(record, dict) or record.get("kind") != "dassl":
+            continue  # another kind's results.json
+        if record.get("split", "test") != "test":
+            runs.other_splits += 1
+            continue
+        run = to_run(record, path)
+        if run is None:
+            continue
+        key = (run.trainer, run.dataset, run.subsample, run.shots, run.seed, run.protocol)
+        if key in seen:
+            warnings.warn(f"{path}: same run as {seen[key]}; keeping the first")
+            continue
+        seen[key] = path
+        runs.runs.append(run)
+    return runs
+
+
+# --- tables -------------------------------------------------------------------------
+
+def shot_notes(runs) -> list[str]:
+    """Rows are trainers; say so when a trainer's training runs used several shot counts
+    (evaluation-only runs, such as new-class or target-dataset tests, are not counted)."""
+    shots = collections.defaultdict(set)
+    for r in runs:
+        if r.subsample in ("all", "base") and r.protocol in ("base2new", "source", "fewshot"):
+            shots[r.trainer].add(r.shots)
+    return [f"{trainer}: runs with {', '.join(map(str, sorted(s)))} shots pooled."
+            for trainer, s in sorted(shots.items()) if len(s) > 1]
+
+
+def seed_cell(runs) -> Cell:
+    mean, std = mean_std([r.accuracy for r in runs])
+    return Cell(mean, std, n=len(runs))
+
+
+def dataset_order(datasets, first=BASE2NEW) -> list[str]:
+    return [d for d in first if d in datasets] + sorted(set(datasets) - set(first))
+
+
+def base2new_tables(runs, refs, notes) -> list[Table]:
+    notes = notes + shot_notes(runs)
+    # (trainer, dataset) -> subsample -> runs
+    per = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in runs:
+        per[r.trainer, r.dataset][r.subsample].append(r)
+    trainers = sorted({r.trainer for r in runs})
+    tables, means = [], collections.defaultdict(dict)  # trainer -> dataset -> (base, new)
+    for dataset in dataset_order({r.dataset for r in runs}):
+        table = Table(f"dassl_base2new_{dataset}", f"Base-to-new: {dataset}",
+                      ["Base", "New", "HM"], digits=2, figure_column="HM", notes=list(notes))
+        for trainer in trainers:
+            subs = per.get((trainer, dataset))
+            if not subs:
+                continue
+            base, new = seed_cell(subs["base"]), seed_cell(subs["new"])
+            table.add(trainer, [base, new, Cell(harmonic_mean(base.mean, new.mean))], key=trainer)
+            if base.mean is not None and new.mean is not None:
+                means[trainer][dataset] = (base.mean, new.mean)
+        reference.attach(table, reference.select(refs, dataset=dataset),
+                         lambda ref: {"base": "Base", "new": "New", "hm": "HM"}.get(ref.metric))
+        tables.append(table)
+    tables.append(base2new_average(means, refs, notes))
+    return tables
+
+
+def base2new_average(means, refs, notes) -> Table:
+    table = Table("dassl_base2new_average", "Base-to-new: average over datasets",
+                  ["Base", "New", "HM"], digits=2, figure_column="HM",
+                  notes=[*notes, "Average over the datasets where a method has both base and new "
+                         "(their number in brackets when not all of the published "
+                         f"{len(BASE2NEW)}); deltas only for methods with all of them."])
+    for trainer in sorted(means):
+        pairs = list(means[trainer].values())
+        base = sum(b for b, _ in pairs) / len(pairs)
+        new = sum(n for _, n in pairs) / len(pairs)
+        complete = set(BASE2NEW) <= set(means[trainer])
+        label = trainer if complete else f"{trainer} ({len(pairs)} datasets)"
+        table.add(label, [Cell(base, n=len(pairs)), Cell(new, n=len(pairs)),
+                          Cell(harmonic_mean(base, new))], key=trainer if complete else None)
+    reference.attach(table, reference.select(refs, dataset="Average"),
+                     lambda ref: {"base": "Base", "new": "New", "hm": "HM"}.get(ref.metric))
+    return table
+
+
+def transfer_table(name, title, runs, refs, notes,
+                   average_note="Average: over the target columns shown (published: all targets).",
+                   ) -> Table:
+    """Rows trainers, columns ImageNet (source) + targets + Average over targets."""
+    datasets = [d for d in dataset_order({r.dataset for r in runs}) if d != IMAGENET]
+    columns = ([IMAGENET] if any(r.dataset == IMAGENET for r in runs) else []) + datasets
+    table = Table(name, title, [*columns, "Average"], digits=2,
+                  notes=notes + shot_notes(runs))
+    for trainer in sorted({r.trainer for r in runs}):
+        mine = [r for r in runs if r.trainer == trainer]
+        cells = [seed_cell([r for r in mine if r.dataset == d]) for d in columns]
+        targets = [c.mean for d, c in zip(columns, cells) if d != IMAGENET]
+        average = None if None in targets or not targets else sum(targets) / len(targets)
+        table.add(trainer, [*cells, Cell(average)], key=trainer)
+    reference.attach(table, refs, lambda ref: ref.dataset)
+    table.notes.append(average_note)
+    return table
+
+
+def unfinished_notes(runs: Runs) -> list[str]:
+    notes = ["Cells: mean ± std over seeds (population std, as CoOp's parse_test_res.py); "
+             "HM: harmonic mean of the mean base and new accuracy; — : no run."]
+    if runs.unfinished:
+        notes.append(f"{runs.unfinished} run folder(s) with a log but no results.json "
+                     "(unfinished) left out.")
+    if runs.other_splits:
+        notes.append(f"{runs.other_splits} result(s) on a split other than test left out.")
+    return notes
+
+
+@register
+class Dassl(Kind):
+    name = "dassl"
+    patterns = ("results.json", "log.txt*")
+
+    def load(self, paths) -> Runs:
+        return load_runs(paths)
+
+    def tables(self, runs: Runs, refs) -> list[Table]:
+        notes = unfinished_notes(runs)
+        by = collections.defaultdict(list)
+        for r in runs.runs:
+            by[r.protocol].append(r)
+        tables = []
+        if by["base2new"]:
+            tables += base2new_tables(by["base2new"], reference.select(refs, protocol="base2new"),
+                                      notes)
+        if by["xd"]:
+            tables.append(transfer_table("dassl_xd", "Cross-dataset transfer (source: ImageNet)",
+                                         by["source"] + by["xd"],
+                                         reference.select(refs, protocol="xd"), notes))
+        if by["dg"]:
+            tables.append(transfer_table("dassl_dg", "Domain generalization (source: ImageNet)",
+                                         by["source"] + by["dg"],
+                                         reference.select(refs, protocol="dg"), notes))
+        fewshot = by["fewshot"] + ([] if by["xd"] or by["dg"] else by["source"])
+        if fewshot:
+            title = "All classes, trained on the same dataset"
+            tables.append(transfer_table("dassl_fewshot", title, fewshot, [], notes,
+                                         "Average: over the columns other than ImageNet."))
+        return tables

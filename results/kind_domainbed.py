@@ -1,0 +1,262 @@
+"""DomainBed sweeps: folders of job dirs, each with results.jsonl (one record per
+checkpoint) and a `done` marker when the job finished.
+
+Loading is ours and forgiving: a job without `done` is left out and counted (its cells
+show "—", never 0), a truncated or corrupt line or a record without the keys model
+selection needs is skipped with a warning naming file and line. The numbers are
+upstream's: records are grouped by `domainbed.lib.reporting.get_grouped_records`
+((trial_seed, dataset, algorithm, test_env); inside, the selection methods group by
+hparams_seed) and each selection method of `domainbed.model_selection` picks the test
+accuracy of every group. Per test domain: mean ± standard error over trials (population
+std / sqrt(n), as collect_results prints). A dataset's Avg is the mean of its domain
+means, missing if one is missing (as upstream).
+
+One deliberate difference from collect_results: in the averages table a trial counts
+for a dataset only when every test domain of that trial has a number; upstream averages
+whatever domains a trial has, which on a partial sweep mixes different domain sets.
+On a complete sweep both agree.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import importlib.util
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from results import reference
+from results.kinds import Kind, register
+from results.records import read_jsonl
+from results.tables import Cell, Table, mean_se
+
+# (file-name tag, DomainBed selection method): upstream's three default methods
+SELECTIONS = (("iid", "IIDAccuracySelectionMethod"),
+              ("loo", "LeaveOneOutSelectionMethod"),
+              ("oracle", "OracleSelectionMethod"))
+REQUIRED_ARGS = ("algorithm", "dataset", "test_envs", "hparams_seed", "trial_seed")
+
+
+@dataclass
+class Sweep:
+    records: list = field(default_factory=list)   # records of finished jobs
+    unfinished: collections.Counter = field(default_factory=collections.Counter)  # dataset -> jobs
+    finished_jobs: int = 0
+
+    def __bool__(self):
+        return bool(self.records)
+
+
+# --- loading ------------------------------------------------------------------------
+
+def job_dirs(paths) -> list[Path]:
+    """Job dirs: folders holding a matched file, plus their sibling folders in the same
+    sweep folder (a job that crashed before its first record has no results.jsonl)."""
+    jobs = {Path(p).parent for p in paths}
+    for sweep in {j.parent for j in jobs}:
+        jobs.update(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(jobs)
+
+
+def valid(record, where) -> bool:
+    """True when model selection can use the record; else warn and return False."""
+    if not isinstance(record, dict):
+        record = {}
+    args = record.get("args")
+    missing = [k for k in REQUIRED_ARGS if not isinstance(args, dict) or k not in args]
+    if "step" not in record or "env0_in_acc" not in record:
+        missing.append("step/env*_acc")
+    if missing:
+        warnings.warn(f"{where}: skipping a record without {', '.join(missing)}")
+    return not missing
+
+
+def load_job(job: Path) -> list:
+    path = job / "results.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line_no, record in enumerate(read_jsonl(path), start=1):
+        if valid(record, f"{path} (record {line_no})"):
+            records.append(record)
+    return records
+
+
+def load_sweep(paths) -> Sweep:
+    sweep = Sweep()
+    for job in job_dirs(paths):
+        records = load_job(job)
+        if (job / "done").exists():
+            sweep.records += records
+            sweep.finished_jobs += 1
+        elif records or (job / "out.txt").exists() or (job / "err.txt").exists():
+            dataset = records[0]["args"]["dataset"] if records else "?"
+            sweep.unfinished[dataset] += 1
+    if not sweep.records and sweep.unfinished:
+        warnings.warn(f"{sum(sweep.unfinished.values())} DomainBed job(s) found, none finished "
+                      "(no `done`)")
+    return sweep
+
+
+# --- upstream -----------------------------------------------------------------------
+
+def upstream():
+    """(model_selection, reporting, Q) from DomainBed, or None when it is not importable."""
+    try:
+        from domainbed import model_selection
+        from domainbed.lib import reporting
+        from domainbed.lib.query import Q
+    except ImportError as e:
+        warnings.warn(f"DomainBed is not importable ({e}): DomainBed tables skipped "
+                      "(run: python third_party/install.py)")
+        return None
+    return model_selection, reporting, Q
+
+
+@lru_cache(maxsize=None)
+def upstream_environments() -> dict[str, list[str]]:
+    """ENVIRONMENTS of each class in domainbed/datasets.py, read without importing it
+    (importing it loads torchvision and WILDS); plus the harness's datasets."""
+    names = {}
+    spec = importlib.util.find_spec("domainbed")
+    if spec and spec.submodule_search_locations:
+        source = Path(list(spec.submodule_search_locations)[0]) / "datasets.py"
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for stmt in node.body:
+                    if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
+                            and getattr(stmt.targets[0], "id", None) == "ENVIRONMENTS"):
+                        try:
+                            value = ast.literal_eval(stmt.value)
+                        except ValueError:
+                            continue
+                        if isinstance(value, list):
+                            names[node.name] = [str(e) for e in value]
+    try:
+        from algorithms.domainbed_plugin import harness_datasets
+        names.update({k: list(envs) for k, (_, envs) in harness_datasets().items()})
+    except Exception:  # the harness's datasets are a nicety for labels only
+        pass
+    return names
+
+
+def env_names(dataset: str, n_envs: int) -> list[str]:
+    names = upstream_environments().get(dataset)
+    return names if names and len(names) == n_envs else [f"env{i}" for i in range(n_envs)]
+
+
+def n_envs_of(records) -> int:
+    return max(sum(1 for k in r if k.startswith("env") and k.endswith("_out_acc"))
+               for r in records)
+
+
+def selected_accs(records, method, reporting, Q) -> dict:
+    """{(dataset, algorithm): {test_env: {trial_seed: test acc}}} chosen by `method`."""
+    accs = collections.defaultdict(lambda: collections.defaultdict(dict))
+    for group in reporting.get_grouped_records(Q(records)):
+        acc = method.sweep_acc(group["records"])
+        if acc is not None:
+            accs[group["dataset"], group["algorithm"]][group["test_env"]][group["trial_seed"]] = acc
+    return accs
+
+
+# --- tables -------------------------------------------------------------------------
+
+def percent(mean, err):
+    return (None, None) if mean is None else (100 * mean, 100 * err)
+
+
+def dataset_table(tag, method, dataset, algorithms, accs, n_envs) -> Table:
+    envs = env_names(dataset, n_envs)
+    table = Table(f"domainbed_{tag}_{dataset}", f"{dataset}, model selection: {method.name}",
+                  [*envs, "Avg"], row_header="Algorithm", figure_column="Avg")
+    for algorithm in algorithms:
+        per_env = accs.get((dataset, algorithm), {})
+        cells = []
+        for env in range(n_envs):
+            trials = list(per_env.get(env, {}).values())
+            cells.append(Cell(*percent(*mean_se(trials)), n=len(trials)))
+        means = [c.mean for c in cells]
+        avg = None if None in means else sum(means) / len(means)
+        table.add(algorithm, [*cells, Cell(avg, n=min(c.n for c in cells))], key=algorithm)
+    return table
+
+
+def trial_averages(per_env, n_envs) -> list[float]:
+    """Per trial, the mean over test domains; only trials with every domain."""
+    trials = set.intersection(*(set(per_env.get(e, {})) for e in range(n_envs)))
+    return [float(np.mean([per_env[e][t] for e in range(n_envs)])) for t in sorted(trials)]
+
+
+def averages_table(tag, method, datasets, algorithms, accs, n_envs) -> Table:
+    table = Table(f"domainbed_{tag}_averages", f"Averages, model selection: {method.name}",
+                  [*datasets, "Avg"], row_header="Algorithm")
+    for algorithm in algorithms:
+        cells = []
+        for dataset in datasets:
+            trials = trial_averages(accs.get((dataset, algorithm), {}), n_envs[dataset])
+            cells.append(Cell(*percent(*mean_se(trials)), n=len(trials)))
+        means = [c.mean for c in cells]
+        avg = None if None in means else sum(means) / len(means)
+        table.add(algorithm, [*cells, Cell(avg)], key=algorithm)
+    return table
+
+
+def common_notes(sweep: Sweep, datasets, tag, accs) -> list[str]:
+    notes = ["Cells: mean ± standard error over trials (population std / √n, as DomainBed's "
+             "collect_results); — : no number (DomainBed prints X)."]
+    unfinished = sum(sweep.unfinished[d] for d in datasets)
+    if unfinished:
+        notes.append(f"{unfinished} unfinished job(s) (no `done`) left out.")
+    if tag == "loo" and not accs:
+        notes.append("Leave-one-domain-out needs runs with two test domains "
+                     "(a sweep without --single_test_envs).")
+    return notes
+
+
+def backbone_note(records) -> list[str]:
+    models = sorted({str(r.get("hparams", {}).get("clip_model")) for r in records
+                     if isinstance(r.get("hparams"), dict) and "clip_model" in r["hparams"]})
+    return [f"These runs' CLIP backbone(s): {', '.join(models)}."] if models else []
+
+
+@register
+class DomainBed(Kind):
+    name = "domainbed"
+    patterns = ("results.jsonl", "done")
+
+    def load(self, paths) -> Sweep:
+        return load_sweep(paths)
+
+    def tables(self, sweep: Sweep, refs) -> list[Table]:
+        modules = upstream()
+        if modules is None:
+            return []
+        model_selection, reporting, Q = modules
+        datasets = sorted({r["args"]["dataset"] for r in sweep.records})
+        n_envs = {d: n_envs_of([r for r in sweep.records if r["args"]["dataset"] == d])
+                  for d in datasets}
+        refs = reference.select(refs, protocol="domainbed")
+        tables = []
+        for tag, method_name in SELECTIONS:
+            method = getattr(model_selection, method_name)
+            accs = selected_accs(sweep.records, method, reporting, Q)
+            for dataset in datasets:
+                records = [r for r in sweep.records if r["args"]["dataset"] == dataset]
+                algorithms = sorted({r["args"]["algorithm"] for r in records})
+                table = dataset_table(tag, method, dataset, algorithms, accs, n_envs[dataset])
+                table.notes += common_notes(sweep, [dataset], tag, accs) + backbone_note(records)
+                reference.attach(table, reference.select(refs, dataset=dataset),
+                                 lambda ref: ref.domain)
+                tables.append(table)
+            algorithms = sorted({r["args"]["algorithm"] for r in sweep.records})
+            table = averages_table(tag, method, datasets, algorithms, accs, n_envs)
+            table.notes += common_notes(sweep, [*datasets, "?"], tag, accs) + [
+                "A trial counts for a dataset only when all its test domains have a number."]
+            reference.attach(table, [r for r in refs if r.domain == "Avg"],
+                             lambda ref: ref.dataset)
+            tables.append(table)
+        return tables

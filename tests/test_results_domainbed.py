@@ -1,0 +1,221 @@
+"""DomainBed tables: fake sweeps shaped like upstream's (job dirs with results.jsonl and
+`done`), loaded robustly, selected by DomainBed's own model selection, checked by hand
+and against `python -m domainbed.scripts.collect_results`."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from results import kind_domainbed, reference
+from results.kind_domainbed import load_sweep
+from results.tables import to_markdown
+from tests.conftest import PY, needs_domainbed, run
+
+PACS_ENVS = ["A", "C", "P", "S"]
+
+
+def make_job(sweep, algorithm, test_envs, trial_seed, hparams_seed, steps, dataset="PACS",
+             done=True, truncate=False):
+    """One job dir like DomainBed's train.py writes: a record per checkpoint (`steps` is a
+    list of {env: (in_acc, out_acc)}), then `done` when it finished."""
+    name = f"{algorithm}_{dataset}_{'-'.join(map(str, test_envs))}_t{trial_seed}_h{hparams_seed}"
+    job = sweep / name
+    job.mkdir(parents=True)
+    (job / "out.txt").write_text("Args:\n")
+    lines = []
+    for step, accs in enumerate(steps):
+        record = {"args": {"algorithm": algorithm, "dataset": dataset, "test_envs": test_envs,
+                           "hparams_seed": hparams_seed, "trial_seed": trial_seed,
+                           "holdout_fraction": 0.2, "task": "domain_generalization",
+                           "hparams": json.dumps({"lr": 1e-5 * (hparams_seed + 1)}),
+                           "output_dir": str(job), "seed": 1234, "steps": len(steps)},
+                  "hparams": {"lr": 1e-5 * (hparams_seed + 1), "clip_model": "tiny-vit"},
+                  "step": step * 100, "epoch": float(step), "mem_gb": 0.1, "step_time": 0.1}
+        for env, (acc_in, acc_out) in accs.items():
+            record[f"env{env}_in_acc"], record[f"env{env}_out_acc"] = acc_in, acc_out
+        lines.append(json.dumps(record))
+    text = "\n".join(lines) + "\n"
+    if truncate:  # a job killed while writing its last line
+        text += lines[-1][: len(lines[-1]) // 2]
+    (job / "results.jsonl").write_text(text)
+    if done:
+        (job / "done").write_text("done")
+    return job
+
+
+def random_sweep(root, algorithms=("ZSCLIP", "CLIPood"), trials=3, hparams=2, steps=3, seed=0):
+    """A full sweep on PACS: every single test env and every pair (for leave-one-out)."""
+    rng = np.random.default_rng(seed)
+    envs = range(len(PACS_ENVS))
+    test_env_sets = [[e] for e in envs] + [[a, b] for a in envs for b in envs if a < b]
+    for algorithm in algorithms:
+        for trial in range(trials):
+            for hp in range(hparams):
+                for test_envs in test_env_sets:
+                    accs = [{e: tuple(rng.uniform(0.3, 0.95, 2)) for e in envs}
+                            for _ in range(steps)]
+                    make_job(root, algorithm, test_envs, trial, hp, accs)
+    return root
+
+
+def tables_by_name(sweep_dir):
+    sweep = load_sweep(sorted(sweep_dir.rglob("results.jsonl")))
+    tables = kind_domainbed.DomainBed().tables(sweep, reference.load())
+    return sweep, {t.name: t for t in tables}
+
+
+def cell(table, row_label, column):
+    row = next(r for r in table.rows if r.label == row_label)
+    return table.cell(row, column)
+
+
+# --- loading (no upstream needed) -----------------------------------------------------
+
+def test_unfinished_jobs_are_left_out_and_counted(tmp_path):
+    make_job(tmp_path, "ZSCLIP", [0], 0, 0, [{0: (0.5, 0.5), 1: (0.6, 0.6)}])
+    make_job(tmp_path, "ZSCLIP", [1], 0, 0, [{0: (0.99, 0.99), 1: (0.99, 0.99)}], done=False)
+    crashed = tmp_path / "crashed_before_first_record"
+    crashed.mkdir()
+    (crashed / "err.txt").write_text("Traceback ...")
+    sweep = load_sweep(sorted(tmp_path.rglob("results.jsonl")))
+    assert sweep.finished_jobs == 1 and len(sweep.records) == 1
+    assert sweep.unfinished == {"PACS": 1, "?": 1}
+
+
+def test_truncated_and_malformed_lines_are_skipped_with_file_and_line(tmp_path):
+    job = make_job(tmp_path, "ZSCLIP", [0], 0, 0, [{0: (0.5, 0.5), 1: (0.6, 0.6)}] * 2,
+                   truncate=True)
+    with open(job / "results.jsonl", "a") as f:
+        f.write('\n{"args": {"algorithm": "ZSCLIP"}, "step": 5}\n')
+    with pytest.warns(UserWarning) as caught:
+        sweep = load_sweep([job / "results.jsonl"])
+    messages = [str(w.message) for w in caught]
+    assert any(f"{job / 'results.jsonl'}:3: skipping a truncated" in m for m in messages)
+    assert any("(record 3): skipping a record without dataset" in m for m in messages)
+    assert len(sweep.records) == 2
+
+
+def test_env_names_come_from_upstream_source_or_fall_back():
+    if kind_domainbed.upstream_environments():
+        assert kind_domainbed.env_names("PACS", 4) == PACS_ENVS
+    assert kind_domainbed.env_names("NotADataset", 2) == ["env0", "env1"]
+
+
+# --- selection and statistics (upstream model_selection) ------------------------------
+
+@needs_domainbed
+def test_mean_and_standard_error_by_hand(tmp_path):
+    # one checkpoint per job: the selected test accuracy is env{t}_in_acc
+    for trial, acc in enumerate([0.80, 0.85, 0.90]):
+        for test_env in range(4):
+            make_job(tmp_path, "ZSCLIP", [test_env], trial, 0,
+                     [{e: (acc if e == test_env else 0.5, 0.5) for e in range(4)}])
+    _, tables = tables_by_name(tmp_path)
+    a = cell(tables["domainbed_iid_PACS"], "ZSCLIP", "A")
+    # mean 85.0; population std sqrt(50/3) = 4.0825; / sqrt(3) = 2.357
+    assert a.mean == pytest.approx(85.0) and a.err == pytest.approx(2.3570226) and a.n == 3
+    assert a.text(1) == "85.0 ± 2.4"
+    averages = tables["domainbed_iid_averages"]
+    assert cell(averages, "ZSCLIP", "PACS").text(1) == "85.0 ± 2.4"
+
+
+@needs_domainbed
+def test_mixed_hparams_are_grouped_by_hparams_seed(tmp_path):
+    # hparams 0: best val (mean out-acc of train envs) 0.70 at step 1 -> test 0.61
+    make_job(tmp_path, "ZSCLIP", [0], 0, 0, [
+        {0: (0.40, 0.9), 1: (0.5, 0.5), 2: (0.5, 0.5), 3: (0.5, 0.5)},
+        {0: (0.61, 0.1), 1: (0.7, 0.7), 2: (0.7, 0.7), 3: (0.7, 0.7)}])
+    # hparams 1: best val 0.80 at step 0 -> test 0.52 (this one is selected)
+    make_job(tmp_path, "ZSCLIP", [0], 0, 1, [
+        {0: (0.52, 0.2), 1: (0.8, 0.8), 2: (0.8, 0.8), 3: (0.8, 0.8)},
+        {0: (0.99, 0.3), 1: (0.6, 0.6), 2: (0.6, 0.6), 3: (0.6, 0.6)}])
+    _, tables = tables_by_name(tmp_path)
+    assert cell(tables["domainbed_iid_PACS"], "ZSCLIP", "A").mean == pytest.approx(52.0)
+    # oracle: last checkpoint, best test-env out-acc across hparams: hparams 1 (0.3 > 0.1)
+    assert cell(tables["domainbed_oracle_PACS"], "ZSCLIP", "A").mean == pytest.approx(99.0)
+    # the other test envs have no job: missing, never 0
+    iid = tables["domainbed_iid_PACS"]
+    assert cell(iid, "ZSCLIP", "C").mean is None and cell(iid, "ZSCLIP", "Avg").mean is None
+    assert "| ZSCLIP | 52.0 ± 0.0 | — | — | — | — |" in to_markdown(iid)
+
+
+@needs_domainbed
+def test_unfinished_job_shows_as_missing_not_zero(tmp_path):
+    for test_env in range(4):
+        make_job(tmp_path, "ZSCLIP", [test_env], 0, 0,
+                 [{e: (0.7, 0.7) for e in range(4)}], done=test_env != 3)
+    _, tables = tables_by_name(tmp_path)
+    iid = tables["domainbed_iid_PACS"]
+    assert cell(iid, "ZSCLIP", "S").mean is None and cell(iid, "ZSCLIP", "A").mean == 70.0
+    assert "1 unfinished job(s) (no `done`) left out." in iid.notes
+    averages = tables["domainbed_iid_averages"]
+    assert cell(averages, "ZSCLIP", "PACS").mean is None  # an incomplete trial does not count
+
+
+@needs_domainbed
+def test_published_rows_and_deltas(tmp_path):
+    random_sweep(tmp_path, trials=1, hparams=1, steps=1)
+    _, tables = tables_by_name(tmp_path)
+    table = tables["domainbed_iid_PACS"]
+    labels = [r.label for r in table.rows]
+    assert "CLIPood (published, ViT-B/16)" in labels
+    published = cell(table, "CLIPood (published, ViT-B/16)", "Avg").mean
+    measured = cell(table, "CLIPood", "Avg").mean
+    delta = cell(table, "Δ CLIPood − CLIPood (published)", "Avg").mean
+    assert delta == pytest.approx(measured - published)
+    assert any(n.startswith("Published: Shu et al., CLIPood") for n in table.notes)
+    averages = tables["domainbed_iid_averages"]
+    assert cell(averages, "CLIP (zero-shot) (published, ViT-B/16)", "PACS").mean == 96.2
+
+
+# --- agreement with upstream's collect_results ----------------------------------------
+
+def parse_collect_results(text):
+    """{(selection name, dataset or 'Averages', algorithm, column): cell text}."""
+    cells, header, section = {}, None, None
+    for line in text.splitlines():
+        m = re.match(r"-------- (?:Dataset: (\w+)|(Averages)), model selection method: (.+)$", line)
+        if m:
+            section, header = (m.group(1) or m.group(2), m.group(3).strip()), None
+            continue
+        if section and line.strip():
+            parts = re.split(r"\s{2,}", line.strip())
+            if header is None:
+                header = parts
+            else:
+                for column, value in zip(header[1:], parts[1:]):
+                    cells[(section[1], section[0], parts[0], column)] = value
+    return cells
+
+
+def harness_text(table, column):
+    c = table.cell(next(r for r in table.rows if r.label == column[0]), column[1])
+    if c.mean is None:
+        return "X"
+    return f"{c.mean:.1f}" if c.err is None else f"{c.mean:.1f} +/- {c.err:.1f}"
+
+
+@needs_domainbed
+def test_agrees_with_upstream_collect_results(tmp_path):
+    sweep_dir = random_sweep(tmp_path / "sweep")
+    # a truncated last line in one job (upstream runs with the harness's tolerant loader)
+    job = next(sweep_dir.iterdir())
+    with open(job / "results.jsonl", "a") as f:
+        f.write('{"args": {"algorithm"')
+    proc = run([PY, "-m", "domainbed.scripts.collect_results", "--input_dir", str(sweep_dir)],
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    upstream = parse_collect_results(proc.stdout)
+    with pytest.warns(UserWarning, match="skipping a truncated"):
+        _, tables = tables_by_name(sweep_dir)
+    from domainbed import model_selection
+    tags = {getattr(model_selection, name).name: tag for tag, name in kind_domainbed.SELECTIONS}
+    compared = 0
+    for (selection, section, algorithm, column), text in upstream.items():
+        name = f"domainbed_{tags[selection]}_{'averages' if section == 'Averages' else section}"
+        assert harness_text(tables[name], (algorithm, column)) == text, (name, algorithm, column)
+        compared += 1
+    # 3 selections x (PACS: 2 algorithms x 5 columns + Averages: 2 x 2)
+    assert compared == 3 * (2 * 5 + 2 * 2)
+    assert "X" not in upstream.values()  # leave-one-out had its pairs: all cells compared
