@@ -51,6 +51,38 @@ def coop_template(dataset_name: str) -> str:
     return templates.get(dataset_name, "photo")
 
 
+def test_and_write_record(trainer, run_test, split=None, selection=None):
+    """Run Dassl's test and write `<OUTPUT_DIR>/results.json` with the evaluator's
+    metrics (a file with a schema, not a log line to scrape). Used for every trainer,
+    CoOp's own included (trainers/coop_runner.py)."""
+    metrics, evaluate = {}, trainer.evaluator.evaluate
+
+    def evaluate_and_keep():
+        results = evaluate()
+        metrics.update(results)
+        return results
+
+    trainer.evaluator.evaluate = evaluate_and_keep
+    try:
+        first = run_test()
+    finally:
+        trainer.evaluator.evaluate = evaluate
+    cfg = trainer.cfg
+    # Dassl's test falls back to the test split when there is no val loader
+    val = (split or cfg.TEST.SPLIT) == "val" and trainer.val_loader is not None
+    record = {
+        "kind": "dassl", "trainer": cfg.TRAINER.NAME, "dataset": cfg.DATASET.NAME,
+        "subsample_classes": cfg.DATASET.SUBSAMPLE_CLASSES,
+        "num_shots": cfg.DATASET.NUM_SHOTS, "seed": cfg.SEED,
+        "split": "val" if val else "test", "num_classes": trainer.num_classes,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
+    if selection:
+        record["selection"] = selection
+    write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), record)
+    return first
+
+
 class CLIPMethodTrainer(TrainerX):
     method_cls = None
 
@@ -114,31 +146,9 @@ class CLIPMethodTrainer(TrainerX):
 
     @torch.no_grad()
     def test(self, split=None):
-        evaluate = self.evaluator.evaluate
-        metrics = {}
-
-        def evaluate_and_keep():
-            metrics.update(evaluate())
-            return metrics
-
         selection = self.select_on_held_out()
-        self.evaluator.evaluate = evaluate_and_keep
-        try:
-            first = super().test(split)
-        finally:
-            self.evaluator.evaluate = evaluate
-        cfg = self.cfg
-        record = {
-            "kind": "dassl", "trainer": cfg.TRAINER.NAME, "dataset": cfg.DATASET.NAME,
-            "subsample_classes": cfg.DATASET.SUBSAMPLE_CLASSES,
-            "num_shots": cfg.DATASET.NUM_SHOTS, "seed": cfg.SEED,
-            "split": split or cfg.TEST.SPLIT, "num_classes": self.num_classes,
-            "metrics": {k: float(v) for k, v in metrics.items()},
-        }
-        if selection:
-            record["selection"] = selection
-        write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), record)
-        return first
+        return test_and_write_record(self, lambda: super(CLIPMethodTrainer, self).test(split),
+                                     split, selection)
 
     # A method may define select_on_validation(batches, data_key) and/or
     # select_on_test(batches, data_key) (e.g. CALIP's beta search): each hook it has is
