@@ -75,6 +75,8 @@ def test_and_write_record(trainer, run_test, split=None, selection=None):
         "subsample_classes": cfg.DATASET.SUBSAMPLE_CLASSES,
         "num_shots": cfg.DATASET.NUM_SHOTS, "seed": cfg.SEED,
         "split": "val" if val else "test", "num_classes": trainer.num_classes,
+        "backbone": getattr(getattr(trainer, "model", None), "hp", {}).get(
+            "clip_model", cfg.MODEL.BACKBONE.NAME),
         "metrics": {k: float(v) for k, v in metrics.items()},
     }
     if selection:
