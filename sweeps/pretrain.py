@@ -1,0 +1,272 @@
+"""Pretrain the embedded default's tiny CLIP on the world's image-caption pairs with
+open_clip's own trainer (open_clip_train), cache the checkpoint, and measure its
+zero-shot accuracy on held-out images of the seen domains and of the held-out domain.
+
+    python -m sweeps.pretrain --world data/world [--cache-dir data/clip_cache] [--epochs N]
+
+The checkpoint is `<cache-dir>/<key>/tiny-clip.pt` (a bare open_clip state_dict, loadable
+with `clip_backbone.load_clip(model, path)`), its report `tiny-clip.json` beside it;
+<key> hashes the pretraining config, the model's JSON config and the world's options,
+so a rerun with the same key does nothing. Training happens in a hidden temporary
+directory that is renamed to <key> only once checkpoint and report are complete.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE_DIR = REPO / "data" / "clip_cache"
+CHECKPOINT_NAME = "tiny-clip.pt"
+REPORT_NAME = "tiny-clip.json"
+TRAIN_FLAG = "--open-clip-train"  # `python -m sweeps.pretrain --open-clip-train ARGS...`
+_FORMAT = 1  # bump when what is cached changes meaning
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that decides the weights; every field goes into the cache key."""
+    model: str = "tiny-vit"
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 50
+    wd: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+
+
+# --------------------------------------------------------------------------- cache key
+def world_options(world_root) -> dict:
+    """The options the world was generated with (its WORLD_DONE.json marker)."""
+    from sweeps import world
+    marker = Path(world_root) / world.MARKER
+    try:
+        return json.loads(marker.read_text())["options"]
+    except (OSError, ValueError, KeyError) as e:
+        raise FileNotFoundError(f"no finished world at {world_root} ({marker.name}: {e}); "
+                                f"generate it: python -m sweeps.world --root {world_root}") from e
+
+
+def cache_key(config: PretrainConfig, world_opts: dict) -> str:
+    import open_clip
+    from algorithms import clip_backbone
+    clip_backbone.register_model_configs()
+    blob = {"format": _FORMAT, "config": dataclasses.asdict(config), "world": world_opts,
+            "model_config": open_clip.get_model_config(config.model)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached_checkpoint(cache_dir, key) -> Path | None:
+    """The finished checkpoint for key, or None."""
+    ckpt = Path(cache_dir) / key / CHECKPOINT_NAME
+    return ckpt if ckpt.is_file() and ckpt.with_name(REPORT_NAME).is_file() else None
+
+
+# --------------------------------------------------------------------------- training
+def open_clip_train_args(config: PretrainConfig, paths: dict, logs_dir) -> list:
+    """open_clip_train's command line for this config (csv dataset, one process)."""
+    return ["--model", config.model,
+            "--train-data", paths["pairs_train_csv"], "--val-data", paths["pairs_val_csv"],
+            "--dataset-type", "csv", "--csv-separator", "\t",
+            "--csv-img-key", "filepath", "--csv-caption-key", "title",
+            "--device", config.device, "--precision", "fp32", "--workers", "0",
+            "--batch-size", str(config.batch_size), "--epochs", str(config.epochs),
+            "--lr", str(config.lr), "--warmup", str(config.warmup), "--wd", str(config.wd),
+            "--seed", str(config.seed), "--logs", str(logs_dir), "--name", "train",
+            "--save-frequency", "0", "--val-frequency", "5", "--log-every-n-steps", "5",
+            "--report-to", ""]
+
+
+def run_open_clip_train(args: list) -> None:
+    """Run open_clip_train.main in a child process that knows the harness's configs."""
+    cmd = [sys.executable, "-m", "sweeps.pretrain", TRAIN_FLAG, *args]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"open_clip_train failed (exit {result.returncode}): "
+                           f"{' '.join(cmd)}")
+
+
+def _open_clip_train_main(args: list) -> int:
+    from algorithms import clip_backbone
+    from open_clip_train import main as train_main
+    clip_backbone.register_model_configs()
+    return 0 if train_main.main(args) is None else 1
+
+
+def export_checkpoint(train_ckpt, out) -> Path:
+    """open_clip_train's epoch_N.pt -> a bare state_dict (no optimizer, no 'module.')."""
+    import torch
+    state = torch.load(train_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    torch.save(state, out)
+    return Path(out)
+
+
+def _last_val_loss(results_jsonl) -> float | None:
+    try:
+        lines = Path(results_jsonl).read_text().splitlines()
+        return json.loads(lines[-1])["clip_val_loss"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+# --------------------------------------------------------------------------- evaluation
+def heldout_images(paths: dict) -> dict:
+    """{'seen': [...], 'painting': [...]} image paths no pretraining pair contains:
+    the val pairs (photo, sketch, cartoon) and every image of the held-out domain."""
+    from sweeps import world
+    seen = [line.split("\t")[0] for line in
+            Path(paths["pairs_val_csv"]).read_text().splitlines()[1:] if line.strip()]
+    held_out = [d for d in world.DOMAINS if d not in world.PAIR_DOMAINS]
+    unseen = sorted(str(p) for d in held_out
+                    for p in (Path(paths["domainbed_dataset"]) / d).glob("*/*.png"))
+    return {"seen": seen, "painting": unseen}
+
+
+class _Images:
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.open(self.files[i]))
+
+
+def zero_shot_eval(model_name: str, checkpoint, paths: dict, templates="photo",
+                   device="cpu", progress=True) -> dict:
+    """Zero-shot accuracy (the harness's ZSCLIP) of a CLIP on the held-out images."""
+    import torch
+    from tqdm import tqdm
+    from algorithms import clip_backbone, registry
+    from sweeps import world
+    hparams = {**registry.get_method("ZSCLIP").default_hparams(),
+               "clip_model": model_name, "clip_pretrained": str(checkpoint),
+               "templates": templates}
+    method = registry.get_method("ZSCLIP")(list(world.CLASSES), hparams, device=device)
+    method.eval()
+    transform = clip_backbone.clip_transform(clip_backbone.image_size_of(model_name), train=False)
+    folders = [world.class_folder(c) for c in world.CLASSES]
+    per_domain = {}
+    sets = heldout_images(paths)
+    for name, files in sets.items():
+        loader = torch.utils.data.DataLoader(_Images(files, transform), batch_size=128)
+        preds = []
+        with torch.no_grad():
+            for x in tqdm(loader, desc=f"zero-shot {name}", disable=not progress):
+                preds.append(method.predict(x.to(device)).argmax(dim=1).cpu())
+        preds = torch.cat(preds).tolist()
+        for f, p in zip(files, preds):
+            domain, label = Path(f).parent.parent.name, folders.index(Path(f).parent.name)
+            hits = per_domain.setdefault(domain, [0, 0])
+            hits[0] += int(p == label)
+            hits[1] += 1
+
+    def acc(domains):
+        right = sum(per_domain[d][0] for d in domains)
+        n = sum(per_domain[d][1] for d in domains)
+        return {"accuracy": right / n if n else None, "n": n}
+
+    seen_domains = [d for d in world.PAIR_DOMAINS if d in per_domain]
+    return {"method": "ZSCLIP", "templates": templates, "chance": 1 / len(world.CLASSES),
+            "seen_heldout": dict(acc(seen_domains), images="pairs val.csv: photo, sketch, "
+                                 "cartoon images not in train.csv"),
+            "painting": dict(acc(["painting"]), images="every painting image (the domain "
+                             "held out of the pairs)"),
+            "by_domain": {d: acc([d]) for d in sorted(per_domain)}}
+
+
+def format_report(report: dict) -> str:
+    z = report["zero_shot"]
+    by = ", ".join(f"{d} {v['accuracy']:.1%}" for d, v in z["by_domain"].items())
+    return (f"tiny CLIP zero-shot accuracy (chance {z['chance']:.0%}): "
+            f"held-out seen domains {z['seen_heldout']['accuracy']:.1%} "
+            f"(n={z['seen_heldout']['n']}), painting {z['painting']['accuracy']:.1%} "
+            f"(n={z['painting']['n']}) [{by}]; pretraining took "
+            f"{report['train_seconds']:.0f} s")
+
+
+# --------------------------------------------------------------------------- driver
+def pretrain(world_root, cache_dir=DEFAULT_CACHE_DIR, config: PretrainConfig | None = None,
+             progress=True) -> Path:
+    """Checkpoint of the tiny CLIP pretrained on world_root's pairs: reused from
+    cache_dir when its key is there, else trained with open_clip_train and evaluated."""
+    from results.records import write_json_atomic
+    config = config or PretrainConfig()
+    world_root, cache_dir = Path(world_root).resolve(), Path(cache_dir).resolve()
+    opts = world_options(world_root)
+    key = cache_key(config, opts)
+    done = cached_checkpoint(cache_dir, key)
+    if done:
+        return done
+    paths = json.loads((world_root / "WORLD_DONE.json").read_text())["paths"]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp"))
+    try:
+        start = time.time()
+        run_open_clip_train(open_clip_train_args(config, paths, work / "logs"))
+        train_seconds = time.time() - start
+        run_dir = work / "logs" / "train"
+        ckpt = export_checkpoint(run_dir / "checkpoints" / f"epoch_{config.epochs}.pt",
+                                 work / CHECKPOINT_NAME)
+        val_loss = _last_val_loss(run_dir / "checkpoints" / "results.jsonl")
+        shutil.rmtree(run_dir / "checkpoints")  # optimizer state: not needed any more
+        zero_shot = zero_shot_eval(config.model, ckpt, paths, device=config.device,
+                                   progress=progress)
+        report = {"key": key, "config": dataclasses.asdict(config), "world": opts,
+                  "world_root": str(world_root), "train_seconds": round(train_seconds, 1),
+                  "final_val_clip_loss": val_loss, "zero_shot": zero_shot,
+                  "checkpoint": CHECKPOINT_NAME, "open_clip_train_log": "logs/train/out.log"}
+        write_json_atomic(work / REPORT_NAME, report)
+        final = cache_dir / key
+        if cached_checkpoint(cache_dir, key) is None:  # else a concurrent run finished first
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(work, final)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    return cached_checkpoint(cache_dir, key)
+
+
+def read_report(checkpoint) -> dict:
+    return json.loads(Path(checkpoint).with_name(REPORT_NAME).read_text())
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [TRAIN_FLAG]:
+        return _open_clip_train_main(argv[1:])
+    defaults = PretrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", required=True, help="a generated world's root")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
+    for field in dataclasses.fields(PretrainConfig):
+        default = getattr(defaults, field.name)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(default),
+                            default=default)
+    args = parser.parse_args(argv)
+    config = PretrainConfig(**{f.name: getattr(args, f.name)
+                               for f in dataclasses.fields(PretrainConfig)})
+    checkpoint = pretrain(args.world, args.cache_dir, config)
+    print(format_report(read_report(checkpoint)))
+    print(checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

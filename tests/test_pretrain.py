@@ -1,0 +1,130 @@
+"""Tests for the tiny CLIP's pretraining (sweeps/pretrain.py): open_clip_train runs on a
+very small world, the checkpoint loads with load_clip, the cache key and reuse."""
+import csv
+import os
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from algorithms import clip_backbone
+from sweeps import pretrain, world
+
+CONFIG = pretrain.PretrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    paths = world.generate_world(root / "world", seed=0, per_class_domain=4,
+                                 compositional_per_class=1)
+    ckpt = pretrain.pretrain(root / "world", root / "cache", CONFIG, progress=False)
+    return {"root": root, "paths": paths, "ckpt": ckpt}
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("open_clip_train was run again")
+
+
+def _clip_loss(model, tokenizer, csv_path) -> float:
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    transform = clip_backbone.clip_transform(clip_backbone.image_size_of("tiny-vit"), False)
+    from PIL import Image
+    images = torch.stack([transform(Image.open(r["filepath"])) for r in rows])
+    texts = tokenizer([r["title"] for r in rows])
+    with torch.no_grad():
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        text_features = F.normalize(model.encode_text(texts), dim=-1)
+        return open_clip.ClipLoss()(image_features, text_features,
+                                    model.logit_scale.exp()).item()
+
+
+def test_pretraining_lowers_the_contrastive_loss(trained):
+    torch.manual_seed(CONFIG.seed)
+    untrained, tokenizer = clip_backbone.load_clip("tiny-vit", None)
+    model, _ = clip_backbone.load_clip("tiny-vit", str(trained["ckpt"]))
+    train_csv = trained["paths"]["pairs_train_csv"]
+    before, after = _clip_loss(untrained, tokenizer, train_csv), _clip_loss(model, tokenizer, train_csv)
+    assert after < before - 0.1, (before, after)
+
+
+def test_checkpoint_is_a_bare_state_dict_that_load_clip_loads(trained):
+    ckpt = trained["ckpt"]
+    assert ckpt.name == pretrain.CHECKPOINT_NAME and ckpt.parent.parent == trained["root"] / "cache"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert "logit_scale" in state and not any(k.startswith("module.") for k in state)
+    model, _ = clip_backbone.load_clip("tiny-vit", str(ckpt))
+    assert torch.equal(model.state_dict()["visual.proj"], state["visual.proj"])
+    assert not list(ckpt.parent.glob("logs/train/checkpoints"))  # optimizer state dropped
+
+
+def test_report_beside_the_checkpoint(trained):
+    report = pretrain.read_report(trained["ckpt"])
+    assert report["config"] == {**CONFIG.__dict__}
+    assert report["world"]["per_class_domain"] == 4
+    zero_shot = report["zero_shot"]
+    n_val = trained["paths"]["num_val_samples"]
+    assert zero_shot["seen_heldout"]["n"] == n_val
+    assert zero_shot["painting"]["n"] == 4 * len(world.CLASSES)
+    assert set(zero_shot["by_domain"]) <= set(world.DOMAINS) and "painting" in zero_shot["by_domain"]
+    for part in ("seen_heldout", "painting"):
+        assert 0.0 <= zero_shot[part]["accuracy"] <= 1.0
+    assert report["train_seconds"] > 0 and report["final_val_clip_loss"] > 0
+    assert (trained["ckpt"].parent / report["open_clip_train_log"]).is_file()
+    assert "painting" in pretrain.format_report(report)
+
+
+def test_cache_key_is_stable_and_follows_config_and_world(trained):
+    opts = pretrain.world_options(trained["root"] / "world")
+    key = pretrain.cache_key(CONFIG, opts)
+    assert key == pretrain.cache_key(pretrain.PretrainConfig(**CONFIG.__dict__), dict(opts))
+    assert trained["ckpt"].parent.name == key
+    assert pretrain.cache_key(pretrain.PretrainConfig(**{**CONFIG.__dict__, "seed": 1}), opts) != key
+    assert pretrain.cache_key(pretrain.PretrainConfig(**{**CONFIG.__dict__, "epochs": 3}), opts) != key
+    assert pretrain.cache_key(CONFIG, {**opts, "seed": 1}) != key
+
+
+def test_second_call_reuses_the_checkpoint(trained, monkeypatch):
+    monkeypatch.setattr(pretrain, "run_open_clip_train", _no_training)
+    mtime = trained["ckpt"].stat().st_mtime_ns
+    start = time.time()
+    again = pretrain.pretrain(trained["root"] / "world", trained["root"] / "cache", CONFIG)
+    assert again == trained["ckpt"] and again.stat().st_mtime_ns == mtime
+    assert time.time() - start < 5
+
+
+def test_cli_prints_the_checkpoint(trained, monkeypatch, capsys):
+    monkeypatch.setattr(pretrain, "run_open_clip_train", _no_training)
+    argv = ["--world", str(trained["root"] / "world"), "--cache-dir", str(trained["root"] / "cache")]
+    for name, value in CONFIG.__dict__.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    assert pretrain.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(trained["ckpt"]) and "zero-shot" in lines[-2]
+
+
+def test_a_failed_run_leaves_nothing_that_counts_as_finished(trained, monkeypatch):
+    def crash(args):
+        logs = Path(args[args.index("--logs") + 1])
+        (logs / "train" / "checkpoints").mkdir(parents=True)
+        (logs / "train" / "checkpoints" / "epoch_1.pt").write_bytes(b"half")
+        raise RuntimeError("killed")
+    monkeypatch.setattr(pretrain, "run_open_clip_train", crash)
+    cache = trained["root"] / "cache"
+    config = pretrain.PretrainConfig(**{**CONFIG.__dict__, "epochs": 1})
+    before = set(os.listdir(cache))
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain.pretrain(trained["root"] / "world", cache, config)
+    assert set(os.listdir(cache)) == before
+    key = pretrain.cache_key(config, pretrain.world_options(trained["root"] / "world"))
+    assert pretrain.cached_checkpoint(cache, key) is None
+
+
+def test_missing_world_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m sweeps.world"):
+        pretrain.pretrain(tmp_path / "nothing", tmp_path / "cache", CONFIG)
+
