@@ -2,7 +2,11 @@
 registered harness algorithm on it, and collect the results with DomainBed's
 collect_results. Rerunning resumes: finished jobs are not redone.
 
-    python -m sweeps.demo [--root data/world] [--output results/demo]
+    python -m sweeps.demo [--root data/world] [--output results/demo] [--algorithms ...]
+
+Until the tiny CLIP is pretrained by the demo (sweeps/pretrain.py), it runs on a randomly
+initialised tiny CLIP, so accuracies are at chance; by default it sweeps the methods
+that need no training (one step each).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from sweeps import world
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CLIP = {"clip_model": "tiny-vit", "clip_pretrained": ""}
+DEFAULT_ALGORITHMS = ("ZSCLIP", "CALIP")
 
 
 def domainbed_available() -> bool:
@@ -54,16 +59,19 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default=str(REPO / "data" / "world"))
     parser.add_argument("--output", default=str(REPO / "results" / "demo"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--algorithms", nargs="+", default=list(DEFAULT_ALGORITHMS),
+                        choices=sorted(registry.methods()))
+    parser.add_argument("--steps", type=int, default=1)
     args = parser.parse_args(argv)
     if not domainbed_available():
         print("demo: DomainBed is not importable (run: python third_party/install.py); "
               "nothing was run", file=sys.stderr)
         return 2
     paths = world.generate_world(args.root, seed=args.seed, progress=True)
-    algorithms = sorted(registry.methods())
+    algorithms = args.algorithms
     sweep_dir = Path(args.output) / "sweep"
     print(f"demo: sweeping {', '.join(algorithms)} on CLIPWorld -> {sweep_dir}")
-    run_sweep(paths["domainbed_root"], sweep_dir, algorithms, TINY_CLIP)
+    run_sweep(paths["domainbed_root"], sweep_dir, algorithms, TINY_CLIP, steps=args.steps)
     table = collect(sweep_dir)
     print(table)
     print(f"demo: tables saved in {sweep_dir}/results.txt")
