@@ -484,13 +484,7 @@ class CALIPFS(_CALIPBase):
 
     def update(self, images, labels):
         loss = F.cross_entropy(self.forward_logits(images), labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.name}: non-finite loss {loss.item()}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return {"loss": loss.item()}
+        return {"loss": self.step(loss)}
 
     def predict(self, images):
         return self.forward_logits(images)

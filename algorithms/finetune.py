@@ -90,16 +90,9 @@ class VisualFinetuner(CLIPMethod):
 
     def update(self, images, labels) -> Dict[str, float]:
         loss, summary = self.loss(images, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.name}: non-finite loss {loss.item()} at step "
-                                     f"{self.scheduler.last_epoch}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
+        summary["loss"] = self.step(loss)
         if self.bma is not None:
             summary["bma_weight"] = self.bma.update(self.visual)
-        summary["loss"] = loss.item()
         return summary
 
     def eval_visual(self) -> nn.Module:

@@ -48,13 +48,7 @@ class CLIPLP(CLIPMethod):
         with torch.no_grad():
             features = self.encode_image(images)
         loss = F.cross_entropy(self.head(features), labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.name}: non-finite loss {loss.item()}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return {"loss": loss.item()}
+        return {"loss": self.step(loss)}
 
     def predict(self, images):
         return self.head(self.encode_image(images))

@@ -79,6 +79,18 @@ class CLIPMethod(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * self.encode_image(images) @ self.class_embeddings.T
 
+    def step(self, loss: torch.Tensor) -> float:
+        """One optimisation step of the method's own optimizer and per-step schedule;
+        a non-finite loss is an error that names the method and the step."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: non-finite loss {loss.item()} at step "
+                                     f"{self.scheduler.last_epoch}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
     def has_trainable_parameters(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
