@@ -63,6 +63,11 @@ class Dataset:
     files: tuple = ()            # other files read
     dirs: tuple = ()             # other folders read
     count_file: str = ""         # one class per line, where there is no split file
+    config_dir: Path = COOP_DIR / "configs" / "datasets"  # holds <key>.yaml
+
+    @property
+    def config_file(self) -> Path:
+        return self.config_dir / f"{self.key}.yaml"
 
     def check(self, root) -> tuple[str | None, dict]:
         """(None, info) when present, else (the one line saying what is missing, {}).
@@ -83,7 +88,7 @@ class Dataset:
                 split = json.load(f)
             items = [item for part in ("train", "val", "test") for item in split[part]]
             counts = {}
-            for path, label, _ in split["train"]:
+            for path, label, *_ in split["train"]:
                 counts[int(label)] = counts.get(int(label), 0) + 1
         except (OSError, ValueError, KeyError, TypeError) as e:
             return f"{self.name}: unreadable {self.split} ({type(e).__name__}: {e}) " \
@@ -126,6 +131,9 @@ DATASETS = {d.key: d for d in (
             files=("classnames.txt",)),
     Dataset("imagenet_r", "ImageNetR", "imagenet-rendition", "imagenet-r",
             files=("classnames.txt",)),
+    # the generated world (python -m sweeps.world --root R: its datasets are under R/coop)
+    Dataset("clip_world", "CLIPWorld", "clip_world", "images", "split_clip_world.json",
+            config_dir=REPO / "trainers" / "configs" / "datasets"),
 )}
 SOURCE = "imagenet"
 BASE2NEW = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -277,7 +285,7 @@ def last_epoch(run_dir: Path) -> int | None:
 
 def base_flags(root, trainer, seed, dataset: Dataset, config: Path, out_dir: Path) -> list:
     return ["--root", str(root), "--seed", str(seed), "--trainer", trainer,
-            "--dataset-config-file", str(COOP_DIR / "configs" / "datasets" / f"{dataset.key}.yaml"),
+            "--dataset-config-file", str(dataset.config_file),
             "--config-file", str(config), "--output-dir", str(out_dir)]
 
 

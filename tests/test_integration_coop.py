@@ -1,6 +1,7 @@
 """train_coop.py runs CoOp's train.py with the harness's trainers and CoOp's own
 dataset classes on the generated world in CoOp's OxfordPets layout."""
 import json
+import re
 
 from tests.conftest import PY, REPO, needs_coop, run
 
@@ -69,3 +70,26 @@ def test_alignclip_trains_on_base_and_evaluates_on_new(small_world, tmp_path):
                    "DATASET.SUBSAMPLE_CLASSES", "new"], timeout=300)
     assert missing.returncode == 1 and "no checkpoint at" in missing.stderr
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_clip_world_is_a_dassl_dataset_with_domains_shots_and_base_new(small_world, tmp_path):
+    """DATASET.NAME CLIPWorld: source domains in train, target domains in test,
+    few-shot sampling and CoOp's base/new subsampling."""
+    split = json.loads(open(small_world["coop_clip_world_split"]).read())
+    cfg = str(REPO / "trainers" / "configs" / "datasets" / "clip_world.yaml")
+    result = run([PY, "train_coop.py", "--trainer", "ZSCLIP", "--root", small_world["coop_root"],
+                  "--dataset-config-file", cfg, "--config-file", TRAINER_CFG, "--seed", "1",
+                  "--output-dir", str(tmp_path / "cw"), "DATASET.NUM_SHOTS", "2",
+                  "DATASET.SUBSAMPLE_CLASSES", "base", "DATASET.SOURCE_DOMAINS", "['photo']",
+                  "DATASET.TARGET_DOMAINS", "['painting']"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "cw" / "results.json").read_text())
+    assert record["dataset"] == "CLIPWorld" and record["num_classes"] == 5
+    painting_base = [i for i in split["test"] if i[3] == "painting" and i[1] < 5]
+    counts = dict(re.findall(r"^# (train_x|test)\s+(\d+)\s*$", result.stdout, re.M))
+    assert counts == {"train_x": str(5 * 2), "test": str(len(painting_base))}  # 2 shots, photo
+    bad = run([PY, "train_coop.py", "--trainer", "ZSCLIP", "--root", str(tmp_path / "nowhere"),
+               "--dataset-config-file", cfg, "--config-file", TRAINER_CFG,
+               "--output-dir", str(tmp_path / "bad")], timeout=300)
+    assert bad.returncode == 1 and "CLIPWorld: cannot read" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -43,6 +43,8 @@ def prepare() -> Path:
 
     from trainers import dassl_adapter
     dassl_adapter.register_trainers()
+    from trainers import clip_world_dataset
+    clip_world_dataset.register()
     write_results_for_every_trainer(dassl_adapter.CLIPMethodTrainer)
     fix_warmup_schedulers()
     upstream_defaults = dassl.config.get_cfg_default
