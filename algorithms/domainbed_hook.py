@@ -10,6 +10,7 @@ import importlib.util
 import sys
 
 PATCHED_MODULES = (
+    "domainbed.command_launchers",
     "domainbed.algorithms",
     "domainbed.hparams_registry",
     "domainbed.datasets",

@@ -265,7 +265,33 @@ def _patch_reporting(module):
     module.load_records = load_records
 
 
+# --- a CPU launcher: `--command_launcher local_parallel` --------------------------------
+PARALLEL_JOBS_ENV = "CLIPBENCH_PARALLEL_JOBS"  # default: one job per CPU core
+
+
+def local_parallel_launcher(commands):
+    """Run the sweep's commands on this machine, several at a time (default: one per
+    core, each with its share of the cores as torch threads). DomainBed's `local`
+    launcher runs them one by one: on a CPU most of a short job is Python start-up."""
+    import subprocess
+    import time
+    jobs = max(1, int(os.environ.get(PARALLEL_JOBS_ENV) or os.cpu_count() or 1))
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    pending, running = list(commands), []
+    while pending or running:
+        running = [p for p in running if p.poll() is None]
+        while pending and len(running) < jobs:
+            running.append(subprocess.Popen(pending.pop(0), shell=True, env=env))
+        time.sleep(0.2)
+
+
+def _patch_command_launchers(module):
+    module.REGISTRY.setdefault("local_parallel", local_parallel_launcher)
+
+
 _PATCHES = {
+    "domainbed.command_launchers": _patch_command_launchers,
     "domainbed.algorithms": _patch_algorithms,
     "domainbed.hparams_registry": _patch_hparams_registry,
     "domainbed.datasets": _patch_datasets,

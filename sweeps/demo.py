@@ -1,12 +1,14 @@
-"""The embedded default: generate the world, run DomainBed's own sweep of every
-registered harness algorithm on it, and collect the results with DomainBed's
-collect_results. Rerunning resumes: finished jobs are not redone.
+"""The embedded default: generate the world, pretrain the tiny CLIP on its image-caption
+pairs (open_clip_train, cached), run DomainBed's own sweep of every algorithm the harness
+registers on it, then DomainBed's collect_results and the harness's tables.
+Rerunning resumes: the world, the checkpoint and finished jobs are reused.
 
     python -m sweeps.demo [--root data/world] [--output results/demo] [--algorithms ...]
 
-Until the tiny CLIP is pretrained by the demo (sweeps/pretrain.py), it runs on a randomly
-initialised tiny CLIP, so accuracies are at chance; by default it sweeps the methods
-that need no training (one step each).
+Every algorithm runs with its declared defaults except what demo_hparams sets for the
+tiny CLIP (its checkpoint, the 'photo' template it was pretrained with, a batch of 16
+per domain, the step count and, for fine-tuning, a learning rate that moves a tiny
+model in a few dozen steps). Leave-one-domain-out, one trial, default hyperparameters.
 """
 from __future__ import annotations
 
@@ -15,14 +17,39 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from algorithms import registry
-from sweeps import world
+from sweeps import pretrain, world
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_CLIP = {"clip_model": "tiny-vit", "clip_pretrained": ""}
-DEFAULT_ALGORITHMS = ("ZSCLIP", "CALIP")
+FINE_TUNING = ("CLIPFT", "CLIPood", "AlignCLIP")
+
+
+def demo_hparams(algorithm: str, checkpoint, model: str, steps: int) -> dict:
+    """What the demo changes of an algorithm's defaults (all of it goes in --hparams)."""
+    declared = registry.get_method(algorithm).default_hparams()
+    hp = {"clip_model": model, "clip_pretrained": str(checkpoint), "templates": "photo"}
+    if "batch_size" in declared:
+        hp.update(batch_size=16, total_steps=steps)
+    if algorithm in FINE_TUNING:
+        hp["lr"] = 1e-4
+    if algorithm == "AlignCLIP":  # the tiny ViT has 4 blocks
+        hp.update(aligned_layers=2, dv_layers=2)
+    return hp
+
+
+def sweep_groups(algorithms, checkpoint, model, steps) -> list[tuple[list, dict, int]]:
+    """(algorithms, --hparams, --steps): algorithms that share their --hparams go into
+    one sweep command; one step (one evaluation) for those that do not train."""
+    groups = {}
+    for algorithm in algorithms:
+        hp = demo_hparams(algorithm, checkpoint, model, steps)
+        groups.setdefault(json.dumps(hp, sort_keys=True), (hp, []))[1].append(algorithm)
+    return [(names, hp, steps if "total_steps" in hp else 1) for hp, names in groups.values()]
 
 
 def domainbed_available() -> bool:
@@ -31,25 +58,55 @@ def domainbed_available() -> bool:
     return probe.returncode == 0
 
 
-def sweep_args(data_dir, output_dir, algorithms, hparams, steps, n_hparams, n_trials):
+def sweep_args(data_dir, output_dir, algorithms, hparams, steps):
     return ["--datasets", "CLIPWorld", "--algorithms", *algorithms,
             "--data_dir", str(data_dir), "--output_dir", str(output_dir),
-            "--command_launcher", "local", "--n_hparams", str(n_hparams),
-            "--n_trials", str(n_trials), "--single_test_envs", "--steps", str(steps),
+            "--command_launcher", "local_parallel", "--n_hparams", "1", "--n_trials", "1",
+            "--single_test_envs", "--steps", str(steps),
             "--hparams", json.dumps(hparams, sort_keys=True), "--skip_confirmation"]
 
 
-def run_sweep(data_dir, output_dir, algorithms, hparams, steps=1, n_hparams=1, n_trials=1):
+def has_incomplete_jobs(sweep_dir) -> bool:
+    """A job folder without DomainBed's `done` file (an interrupted run)."""
+    return any(d.is_dir() and not (d / "done").exists() for d in Path(sweep_dir).glob("*"))
+
+
+def run_sweep(data_dir, output_dir, algorithms, hparams, steps) -> None:
+    """`python -m domainbed.scripts.sweep launch` (it skips jobs whose `done` file
+    exists), after `delete_incomplete` when an interrupted job is there."""
     env = dict(os.environ, CLIPBENCH_NUM_WORKERS=os.environ.get("CLIPBENCH_NUM_WORKERS", "0"))
-    args = sweep_args(data_dir, output_dir, algorithms, hparams, steps, n_hparams, n_trials)
-    for command in ("delete_incomplete", "launch"):
-        subprocess.run([sys.executable, "-m", "domainbed.scripts.sweep", command, *args],
-                       check=True, env=env)
+    args = sweep_args(data_dir, output_dir, algorithms, hparams, steps)
+    if has_incomplete_jobs(output_dir):
+        subprocess.run([sys.executable, "-m", "domainbed.scripts.sweep", "delete_incomplete",
+                        *args], check=True, env=env, stdout=subprocess.DEVNULL)
+    n_jobs = len(algorithms) * len(world.DOMAINS)
+    launch = subprocess.Popen([sys.executable, "-m", "domainbed.scripts.sweep", "launch",
+                               *args], env=env, stdout=subprocess.DEVNULL)
+    with tqdm(total=n_jobs, desc="jobs done", unit="job") as bar:
+        while launch.poll() is None:
+            time.sleep(1)
+            bar.update(count_done(output_dir, algorithms) - bar.n)
+        bar.update(count_done(output_dir, algorithms) - bar.n)
+    if launch.returncode != 0:
+        raise subprocess.CalledProcessError(launch.returncode, launch.args)
 
 
-def collect(output_dir) -> str:
+def count_done(sweep_dir, algorithms) -> int:
+    """Finished DomainBed jobs of these algorithms (`done` beside their results.jsonl)."""
+    n = 0
+    for done in Path(sweep_dir).glob("*/done"):
+        try:
+            with open(done.parent / "results.jsonl") as f:
+                n += json.loads(f.readline())["args"]["algorithm"] in algorithms
+        except (OSError, ValueError, KeyError):
+            pass
+    return n
+
+
+def collect_domainbed(sweep_dir) -> str:
+    """DomainBed's collect_results (it also writes <sweep_dir>/results.txt)."""
     out = subprocess.run([sys.executable, "-m", "domainbed.scripts.collect_results",
-                          "--input_dir", str(output_dir)],
+                          "--input_dir", str(sweep_dir)],
                          check=True, capture_output=True, text=True)
     return out.stdout
 
@@ -58,23 +115,35 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=str(REPO / "data" / "world"))
     parser.add_argument("--output", default=str(REPO / "results" / "demo"))
+    parser.add_argument("--cache-dir", default=str(pretrain.DEFAULT_CACHE_DIR))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--algorithms", nargs="+", default=list(DEFAULT_ALGORITHMS),
+    parser.add_argument("--algorithms", nargs="+", default=sorted(registry.methods()),
                         choices=sorted(registry.methods()))
-    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20,
+                        help="DomainBed steps of each job that trains")
     args = parser.parse_args(argv)
     if not domainbed_available():
         print("demo: DomainBed is not importable (run: python third_party/install.py); "
               "nothing was run", file=sys.stderr)
         return 2
+    start = time.time()
     paths = world.generate_world(args.root, seed=args.seed, progress=True)
-    algorithms = args.algorithms
-    sweep_dir = Path(args.output) / "sweep"
-    print(f"demo: sweeping {', '.join(algorithms)} on CLIPWorld -> {sweep_dir}")
-    run_sweep(paths["domainbed_root"], sweep_dir, algorithms, TINY_CLIP, steps=args.steps)
-    table = collect(sweep_dir)
-    print(table)
-    print(f"demo: tables saved in {sweep_dir}/results.txt")
+    checkpoint = pretrain.pretrain(args.root, args.cache_dir)
+    report = pretrain.read_report(checkpoint)
+    print(pretrain.format_report(report))
+    output = Path(args.output)
+    sweep_dir = output / "sweep"
+    for algorithms, hparams, steps in sweep_groups(args.algorithms, checkpoint,
+                                                   report["config"]["model"], args.steps):
+        print(f"demo: DomainBed sweep of {', '.join(algorithms)} on CLIPWorld ({steps} "
+              f"steps), each domain held out in turn -> {sweep_dir}", flush=True)
+        run_sweep(paths["domainbed_root"], sweep_dir, algorithms, hparams, steps)
+    print(collect_domainbed(sweep_dir))
+    from results import collect
+    if collect.main([str(sweep_dir), "--out", str(output / "tables")]) != 0:
+        return 1
+    print(f"demo: DomainBed's tables in {sweep_dir / 'results.txt'}, the harness's in "
+          f"{output / 'tables'}; {time.time() - start:.0f} s")
     return 0
 
 

@@ -7,7 +7,7 @@ and a foreground mask per image.  Written in several layouts:
   <root>/domainbed/clip_world/<domain>/<class_folder>/<i:05d>.png (+ _mask.npy)
   <root>/coop/oxford_pets/{images/,annotations/,split_zhou_OxfordPets.json}
   <root>/coop/clip_world/{images/<domain>/,split_clip_world.json}
-  <root>/pairs/{train,val}.csv, <root>/pairs/shards/train-NNNNNN.tar
+  <root>/pairs/{train,val}.csv, <root>/pairs/shards/train-NNNNNN.tar, <root>/pairs/images/
   <root>/compositional/{replace_att,replace_obj,replace_rel}.json (+ images/)
   <root>/metadata.jsonl, <root>/WORLD_DONE.json (written last)
 
@@ -69,7 +69,7 @@ RELATIONS = ("to the left of", "to the right of", "above", "below")
 DOMAINBED_DIRNAME = "clip_world"
 MARKER = "WORLD_DONE.json"
 OWNED = ("domainbed", "coop", "pairs", "compositional", "metadata.jsonl")  # what we write
-_VERSION = 1
+_VERSION = 3
 
 
 def class_folder(name):
@@ -88,6 +88,8 @@ def _article(word):
 
 def make_caption(f):
     """Caption from fields: domain, size, colour, class [, relation, second_*]."""
+    if not f.get("size"):  # the short form: "a sketch of an arrow."
+        return f"a {f['domain']} of {_article(f['class'])} {f['class']}."
     text = f"a {f['domain']} of a {f['size']} {f['colour']} {f['class']}"
     if f.get("relation"):
         c2 = f["second_colour"]
@@ -100,7 +102,7 @@ def _alt(words):
 
 
 _CAPTION_RE = re.compile(
-    f"^a {_alt(DOMAINS)} of a {_alt(SIZES)} {_alt(COLOURS)} {_alt(CLASSES)}"
+    f"^a {_alt(DOMAINS)} of an? (?:{_alt(SIZES)} {_alt(COLOURS)} )?{_alt(CLASSES)}"
     f"(?: {_alt(RELATIONS)} an? {_alt(COLOURS)} {_alt(CLASSES)})?\\.$")
 
 
@@ -111,6 +113,13 @@ def caption_fields(caption):
         raise ValueError(f"not a world caption: {caption!r}")
     keys = ("domain", "size", "colour", "class", "relation", "second_colour", "second_class")
     return dict(zip(keys, m.groups()))
+
+
+def pretraining_captions(f):
+    """What the tiny CLIP is pretrained on for one image: its full caption and the
+    short form naming only domain and class (the shape is the only cue that tells
+    two short captions of one domain apart)."""
+    return [make_caption(f), make_caption({"domain": f["domain"], "class": f["class"]})]
 
 
 # ---------------------------------------------------------------- drawing
@@ -179,7 +188,7 @@ def _paint(img, m, colour, domain, rng, cx, cy, r):
         fill = col * shade[..., None] + rng.normal(0, 10, (s, s, 3))
         img[m] = fill[m]
     elif domain == "sketch":  # thin coloured outline only
-        img[_edge(m, 1)] = col
+        img[_edge(m, max(1, s // 32))] = col
     elif domain == "cartoon":  # flat fill, black outline
         img[m] = col
         img[_edge(m, max(1, s // 32))] = 0
@@ -191,8 +200,8 @@ def _paint(img, m, colour, domain, rng, cx, cy, r):
 def _place(spec, s, rng):
     """Centres and radii (main, second) honouring the spatial relation."""
     two = spec["relation"] is not None
-    rad = lambda size: s * ((0.22 if size == "large" else 0.13) if two
-                            else (0.30 if size == "large" else 0.17))
+    rad = lambda size: s * ((0.22 if size == "large" else 0.15) if two
+                            else (0.40 if size == "large" else 0.28))
     r1 = rad(spec["size"])
     if not two:
         return [(*rng.uniform(r1 + 1, s - r1 - 1, 2), r1)]
@@ -264,6 +273,20 @@ def render_world(seed, image_size, per_class_domain, two_object_fraction, progre
         rng, dom, cls = _rng(seed, 0, d, c, i), DOMAINS[d], CLASSES[c]
         spec = _spec(rng, dom, cls, rng.random() < two_object_fraction)
         path = f"domainbed/{DOMAINBED_DIRNAME}/{dom}/{class_folder(cls)}/{i:05d}.png"
+        out.append(_make(spec, image_size, rng, path, f"{dom}_{class_folder(cls)}_{i:05d}", i))
+    return out
+
+
+def render_pretraining_pool(seed, image_size, per_class_domain, two_object_fraction,
+                            progress=False):
+    """Images for the pairs only (seen domains): no DomainBed/Dassl image is in them."""
+    jobs = [(d, c, i) for d in range(len(PAIR_DOMAINS)) for c in range(len(CLASSES))
+            for i in range(per_class_domain)]
+    out = []
+    for d, c, i in tqdm(jobs, desc="pretraining pairs", disable=not progress):
+        rng, dom, cls = _rng(seed, 5, d, c, i), PAIR_DOMAINS[d], CLASSES[c]
+        spec = _spec(rng, dom, cls, rng.random() < two_object_fraction)
+        path = f"pairs/images/{dom}/{class_folder(cls)}/{i:05d}.png"
         out.append(_make(spec, image_size, rng, path, f"{dom}_{class_folder(cls)}_{i:05d}", i))
     return out
 
@@ -343,27 +366,31 @@ def _tar_add(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_pairs(root, samples, seed, shard_size=500):
-    """CSV (open_clip CsvDataset) and webdataset tar shards; painting held out."""
-    pool = [s for s in samples if s.meta["domain"] in PAIR_DOMAINS]
+def write_pairs(root, pool, seed, shard_size=1000):
+    """CSV (open_clip CsvDataset) and webdataset tar shards of the pretraining pool
+    (seen domains only), one row per (image, caption of pretraining_captions)."""
+    _save_images(root, pool)
     perm = _rng(seed, 3).permutation(len(pool))
     n_val = max(1, round(0.1 * len(pool)))
     val, train = [pool[i] for i in perm[:n_val]], [pool[i] for i in perm[n_val:]]
     out = {}
     for name, part in (("train", train), ("val", val)):
-        rows = sorted(f"{root / s.meta['path']}\t{s.meta['caption']}\n" for s in part)
+        rows = sorted(f"{root / s.meta['path']}\t{caption}\n" for s in part
+                      for caption in pretraining_captions(s.meta))
         _write(root / "pairs" / f"{name}.csv", ("filepath\ttitle\n" + "".join(rows)).encode())
         out[f"pairs_{name}_csv"] = str(root / "pairs" / f"{name}.csv")
-    shard_dir, n_shards = root / "pairs" / "shards", -(-len(train) // shard_size)
+        out[f"num_{name}_samples"] = len(rows)
+    pairs = sorted(((f"{s.meta['key']}_{k}", s.png, caption) for s in train
+                    for k, caption in enumerate(pretraining_captions(s.meta))))
+    shard_dir, n_shards = root / "pairs" / "shards", -(-len(pairs) // shard_size)
     shard_dir.mkdir(parents=True, exist_ok=True)
     for k in range(n_shards):
-        chunk = sorted(train[k * shard_size:(k + 1) * shard_size], key=lambda s: s.meta["key"])
         with tarfile.open(shard_dir / f"train-{k:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in chunk:
-                _tar_add(tar, s.meta["key"] + ".png", s.png)
-                _tar_add(tar, s.meta["key"] + ".txt", s.meta["caption"].encode())
+            for key, png, caption in pairs[k * shard_size:(k + 1) * shard_size]:
+                _tar_add(tar, key + ".png", png)
+                _tar_add(tar, key + ".txt", caption.encode())
     out.update(shards_pattern=str(shard_dir / f"train-{{000000..{n_shards - 1:06d}}}.tar"),
-               num_shards=n_shards, num_train_samples=len(train), num_val_samples=len(val))
+               num_shards=n_shards)
     return out
 
 
@@ -406,12 +433,14 @@ def write_metadata(root, samples):
 
 # ---------------------------------------------------------------- driver
 def generate_world(root, seed=0, image_size=64, per_class_domain=24,
-                   two_object_fraction=0.3, compositional_per_class=10, progress=False):
+                   two_object_fraction=0.3, compositional_per_class=10,
+                   pretrain_per_class_domain=150, progress=False):
     """Write every form under root; no-op if WORLD_DONE.json matches the options."""
     root = Path(root).resolve()
     opts = {"version": _VERSION, "seed": seed, "image_size": image_size,
             "per_class_domain": per_class_domain, "two_object_fraction": two_object_fraction,
-            "compositional_per_class": compositional_per_class}
+            "compositional_per_class": compositional_per_class,
+            "pretrain_per_class_domain": pretrain_per_class_domain}
     marker = root / MARKER
     try:
         done = json.loads(marker.read_text())
@@ -428,12 +457,14 @@ def generate_world(root, seed=0, image_size=64, per_class_domain=24,
             p.unlink(missing_ok=True)
     world = render_world(seed, image_size, per_class_domain, two_object_fraction, progress)
     comp = render_compositional(seed, image_size, compositional_per_class)
+    pool = render_pretraining_pool(seed, image_size, pretrain_per_class_domain,
+                                   two_object_fraction, progress)
     paths = {"root": str(root), "marker": str(marker)}
     paths.update(write_domainbed(root, world))
     paths.update(write_coop(root, world, seed))
-    paths.update(write_pairs(root, world, seed))
+    paths.update(write_pairs(root, pool, seed))
     paths.update(write_compositional(root, comp, seed))
-    paths.update(write_metadata(root, world + comp))
+    paths.update(write_metadata(root, world + comp + pool))
     _write_json(marker, {"options": opts, "paths": paths})  # last: marks completion
     return paths
 
@@ -446,9 +477,12 @@ def main(argv=None):
     ap.add_argument("--per-class-domain", type=int, default=24)
     ap.add_argument("--two-object-fraction", type=float, default=0.3)
     ap.add_argument("--compositional-per-class", type=int, default=10)
+    ap.add_argument("--pretrain-per-class-domain", type=int, default=150,
+                    help="images per (seen domain, class) for the image-caption pairs")
     a = ap.parse_args(argv)
     paths = generate_world(a.root, a.seed, a.image_size, a.per_class_domain,
-                           a.two_object_fraction, a.compositional_per_class, progress=True)
+                           a.two_object_fraction, a.compositional_per_class,
+                           a.pretrain_per_class_domain, progress=True)
     for k, v in paths.items():
         print(f"{k}\t{v}")
 

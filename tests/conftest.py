@@ -33,7 +33,7 @@ def small_world(tmp_path_factory):
     from sweeps import world
     root = tmp_path_factory.mktemp("world")
     return world.generate_world(root, seed=0, image_size=64, per_class_domain=10,
-                                compositional_per_class=2)
+                                compositional_per_class=2, pretrain_per_class_domain=10)
 
 
 @pytest.fixture(scope="session")

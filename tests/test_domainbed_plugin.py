@@ -1,5 +1,6 @@
 """The DomainBed adapter inside one process (upstream needed)."""
 import json
+import os
 import warnings
 
 import pytest
@@ -97,3 +98,27 @@ def test_adapter_gives_method_logits_and_saves_only_trained_state(domainbed, sma
     assert algorithm.state_dict() == {}
     with pytest.raises(ValueError, match="class names"):
         domainbed.algorithms.get_algorithm_class("ZSCLIP")((3, 64, 64), 3, 3, hparams)
+
+
+def test_local_parallel_launcher_runs_every_command_with_its_thread_share(tmp_path, monkeypatch):
+    from algorithms import domainbed_plugin
+    monkeypatch.setenv(domainbed_plugin.PARALLEL_JOBS_ENV, "2")
+    commands = [f'sleep 0.3; echo "$OMP_NUM_THREADS" > {tmp_path}/job{i}' for i in range(5)]
+    domainbed_plugin.local_parallel_launcher(commands)
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"job{i}" for i in range(5)]
+    assert {(tmp_path / f"job{i}").read_text().strip() for i in range(5)} == {threads}
+
+
+def test_demo_groups_algorithms_by_their_hparams():
+    from sweeps import demo
+    groups = demo.sweep_groups(["ZSCLIP", "CLIPood", "AlignCLIP", "CALIP", "CLIPLP"],
+                               "/ckpt.pt", "tiny-vit", steps=30)
+    by_name = {name: hp for names, hp, _ in groups for name in names}
+    steps = {name: n for names, _, n in groups for name in names}
+    assert steps["ZSCLIP"] == 1 and steps["CLIPood"] == 30
+    assert by_name["CLIPood"]["lr"] == 1e-4 and "lr" not in by_name["CLIPLP"]
+    assert by_name["AlignCLIP"]["aligned_layers"] == 2
+    assert all(hp["clip_pretrained"] == "/ckpt.pt" and hp["templates"] == "photo"
+               for hp in by_name.values())
+    assert sorted(len(names) for names, _, _ in groups) == [1, 1, 1, 2]  # ZSCLIP with CALIP

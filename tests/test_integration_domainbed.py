@@ -11,12 +11,14 @@ pytestmark = needs_domainbed
 def test_sweep_launch_then_collect_results(small_world, tmp_path):
     out = tmp_path / "sweep"
     hparams = {k: TINY[k] for k in ("clip_model", "clip_pretrained")}
-    args = demo.sweep_args(small_world["domainbed_root"], out, ["ZSCLIP"], hparams,
-                           steps=1, n_hparams=1, n_trials=1)
+    args = demo.sweep_args(small_world["domainbed_root"], out, ["ZSCLIP"], hparams, steps=1)
+    assert args[args.index("--command_launcher") + 1] == "local_parallel"
     launched = run([PY, "-m", "domainbed.scripts.sweep", "launch", *args], cwd=tmp_path)
     assert launched.returncode == 0, launched.stderr[-2000:]
     jobs = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(jobs) == 4 and all((j / "done").exists() for j in jobs)
+    assert demo.count_done(out, ["ZSCLIP"]) == 4 and demo.count_done(out, ["CALIP"]) == 0
+    assert not demo.has_incomplete_jobs(out)
     record = json.loads((jobs[0] / "results.jsonl").read_text().splitlines()[-1])
     assert record["args"]["algorithm"] == "ZSCLIP"
     assert record["hparams"]["class_names"][:2] == ["arrow", "circle"]

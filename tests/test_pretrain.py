@@ -20,7 +20,7 @@ CONFIG = pretrain.PretrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup=1)
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     paths = world.generate_world(root / "world", seed=0, per_class_domain=4,
-                                 compositional_per_class=1)
+                                 compositional_per_class=1, pretrain_per_class_domain=4)
     ckpt = pretrain.pretrain(root / "world", root / "cache", CONFIG, progress=False)
     return {"root": root, "paths": paths, "ckpt": ckpt}
 
@@ -67,8 +67,7 @@ def test_report_beside_the_checkpoint(trained):
     assert report["config"] == {**CONFIG.__dict__}
     assert report["world"]["per_class_domain"] == 4
     zero_shot = report["zero_shot"]
-    n_val = trained["paths"]["num_val_samples"]
-    assert zero_shot["seen_heldout"]["n"] == n_val
+    assert zero_shot["seen_heldout"]["n"] == 3 * 4 * len(world.CLASSES)  # DomainBed images
     assert zero_shot["painting"]["n"] == 4 * len(world.CLASSES)
     assert set(zero_shot["by_domain"]) <= set(world.DOMAINS) and "painting" in zero_shot["by_domain"]
     for part in ("seen_heldout", "painting"):
@@ -101,7 +100,9 @@ def test_cli_prints_the_checkpoint(trained, monkeypatch, capsys):
     monkeypatch.setattr(pretrain, "run_open_clip_train", _no_training)
     argv = ["--world", str(trained["root"] / "world"), "--cache-dir", str(trained["root"] / "cache")]
     for name, value in CONFIG.__dict__.items():
-        argv += [f"--{name.replace('_', '-')}", str(value)]
+        if name != "text_tower_from":
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    argv.append("--from-scratch")
     assert pretrain.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == str(trained["ckpt"]) and "zero-shot" in lines[-2]
@@ -128,3 +129,32 @@ def test_missing_world_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m sweeps.world"):
         pretrain.pretrain(tmp_path / "nothing", tmp_path / "cache", CONFIG)
 
+
+
+def test_second_stage_learns_the_image_tower_on_the_locked_text_tower(trained):
+    """Default recipe, shortened: tiny-rn from scratch, then tiny-vit from its text
+    tower (open_clip_train --pretrained --lock-text)."""
+    stage1 = pretrain.PretrainConfig(**{**CONFIG.__dict__, "model": "tiny-rn", "epochs": 1})
+    stage2 = pretrain.PretrainConfig(**{**CONFIG.__dict__, "epochs": 1, "text_tower_from": stage1})
+    cache = trained["root"] / "cache2"
+    ckpt = pretrain.pretrain(trained["root"] / "world", cache, stage2, progress=False)
+    opts = pretrain.world_options(trained["root"] / "world")
+    text_ckpt = pretrain.cached_checkpoint(cache, pretrain.cache_key(stage1, opts))
+    assert text_ckpt is not None and ckpt.parent != text_ckpt.parent
+    assert pretrain.read_report(ckpt)["text_tower_from"] == str(text_ckpt)
+    vit = torch.load(ckpt, weights_only=True)
+    rn = torch.load(text_ckpt, weights_only=True)
+    text_keys = [k for k in vit if not k.startswith("visual.")]
+    assert "token_embedding.weight" in text_keys and "text_projection" in text_keys
+    assert all(torch.equal(vit[k], rn[k]) for k in text_keys)  # locked
+    torch.manual_seed(CONFIG.seed)
+    fresh, _ = clip_backbone.load_clip("tiny-vit", None)
+    assert not torch.equal(fresh.state_dict()["visual.proj"], vit["visual.proj"])  # trained
+    assert not list(ckpt.parent.glob("init.pt"))
+
+
+def test_text_tower_init_refuses_a_mismatched_checkpoint(tmp_path):
+    torch.save({"token_embedding.weight": torch.zeros(3, 3)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="no text-tower weight"):
+        pretrain.text_tower_init("tiny-vit", tmp_path / "bad.pt", 0, tmp_path / "init.pt")
+    assert not (tmp_path / "init.pt").exists()

@@ -12,7 +12,7 @@ from PIL import Image
 from sweeps import world
 from sweeps.world import CLASSES, DOMAINS, caption_fields, class_folder, generate_world
 
-OPTS = dict(image_size=32, per_class_domain=3, compositional_per_class=4)
+OPTS = dict(image_size=32, per_class_domain=3, compositional_per_class=4, pretrain_per_class_domain=3)
 
 
 def _hashes(root):
@@ -114,7 +114,7 @@ def test_coop_splits(w):
 def test_metadata_and_captions(w):
     root, _ = w
     recs = [json.loads(l) for l in (root / "metadata.jsonl").read_text().splitlines()]
-    assert len(recs) == len(CLASSES) * (len(DOMAINS) * 3 + 4)
+    assert len(recs) == len(CLASSES) * (len(DOMAINS) * 3 + 4 + 3 * OPTS["pretrain_per_class_domain"])
     for r in recs:
         assert (root / r["path"]).is_file()
         f = caption_fields(r["caption"])
@@ -144,7 +144,7 @@ def test_compositional_negatives(w):
 
 def test_pairs_csv_and_shards(w):
     root, paths = w
-    n_pool = len(CLASSES) * 3 * 3  # photo/sketch/cartoon only
+    n_pool = len(CLASSES) * 3 * OPTS["pretrain_per_class_domain"]  # photo/sketch/cartoon only
     rows = {}
     for name in ("train", "val"):
         text = Path(paths[f"pairs_{name}_csv"]).read_text()
@@ -152,13 +152,24 @@ def test_pairs_csv_and_shards(w):
         rows[name] = list(csv.DictReader(text.splitlines(), delimiter="\t"))
         for r in rows[name]:
             assert Path(r["filepath"]).is_file() and "painting" not in r["filepath"]
+            assert Path(r["filepath"]).relative_to(root.resolve() / "pairs" / "images")
             assert caption_fields(r["title"])["domain"] in DOMAINS[:3]
-    assert len(rows["train"]) + len(rows["val"]) == n_pool
-    assert len(rows["val"]) == round(0.1 * n_pool)
-    assert paths["num_train_samples"] == len(rows["train"])
+        assert paths[f"num_{name}_samples"] == len(rows[name])
+    images = {name: {r["filepath"] for r in part} for name, part in rows.items()}
+    assert not images["train"] & images["val"]  # an image and its captions on one side
+    assert len(images["train"]) + len(images["val"]) == n_pool
+    assert len(images["val"]) == round(0.1 * n_pool)
+    by_image = {}
+    for r in rows["train"] + rows["val"]:
+        by_image.setdefault(r["filepath"], []).append(caption_fields(r["title"]))
+    for fields in by_image.values():  # the full caption and the short one, same class
+        full, short = sorted(fields, key=lambda f: f["size"] is None)
+        assert full["size"] and short["size"] is None and full["class"] == short["class"]
+        assert world.make_caption(short) == f"a {short['domain']} of " \
+            f"{'an' if short['class'][0] in 'aeiou' else 'a'} {short['class']}."
     shards = sorted(Path(paths["pairs_train_csv"]).parent.glob("shards/train-*.tar"))
     assert len(shards) == paths["num_shards"] >= 1
-    keys = []
+    keys, captions = [], []
     for sh in shards:
         with tarfile.open(sh) as tar:
             members = tar.getmembers()
@@ -168,9 +179,11 @@ def test_pairs_csv_and_shards(w):
             assert sorted(names) == sorted(f"{s}.{e}" for s in stems for e in ("png", "txt"))
             for s in stems:
                 Image.open(tar.extractfile(f"{s}.png")).verify()
-                caption_fields(tar.extractfile(f"{s}.txt").read().decode())
+                captions.append(tar.extractfile(f"{s}.txt").read().decode())
+                caption_fields(captions[-1])
             keys += stems
     assert len(keys) == len(set(keys)) == paths["num_train_samples"]
+    assert sorted(captions) == sorted(r["title"] for r in rows["train"])
 
 
 def test_rerun_noop_and_regenerate(tmp_path):
