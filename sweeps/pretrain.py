@@ -103,14 +103,36 @@ def open_clip_train_args(config: PretrainConfig, paths: dict, logs_dir, init=Non
 
 
 def run_open_clip_train(args: list) -> None:
-    """Run open_clip_train.main in a child process that knows the harness's configs."""
+    """Run open_clip_train.main in a child process that knows the harness's configs; its
+    output goes to <logs>/<name>.stdout, its progress (from its out.log) to a bar."""
+    import re
+    from tqdm import tqdm
     cmd = [sys.executable, "-m", "sweeps.pretrain", TRAIN_FLAG, *args]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    result = subprocess.run(cmd, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"open_clip_train failed (exit {result.returncode}): "
-                           f"{' '.join(cmd)}")
+    logs, name = Path(args[args.index("--logs") + 1]), args[args.index("--name") + 1]
+    logs.mkdir(parents=True, exist_ok=True)
+    stdout, out_log = logs / f"{name}.stdout", logs / name / "out.log"
+    epochs = int(args[args.index("--epochs") + 1])
+    model = args[args.index("--model") + 1]
+    seen = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
+    with open(stdout, "w") as sink, tqdm(desc=f"pretraining {model}", unit="pair") as bar:
+        child = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        while child.poll() is None:
+            time.sleep(1)
+            try:
+                last = seen.findall(out_log.read_text())[-1:]
+            except OSError:
+                last = []
+            if last:
+                epoch, done, per_epoch = map(int, last[0])
+                bar.total = epochs * per_epoch
+                bar.update(epoch * per_epoch + done - bar.n)
+    if child.returncode != 0:
+        tail = stdout.read_text().splitlines()[-15:]
+        print("\n".join(tail), file=sys.stderr)
+        raise RuntimeError(f"open_clip_train failed (exit {child.returncode}); its output: "
+                           f"{stdout}")
 
 
 def _open_clip_train_main(args: list) -> int:
@@ -272,7 +294,8 @@ def pretrain(world_root, cache_dir=DEFAULT_CACHE_DIR, config: PretrainConfig | N
                   "text_tower_from": str(text_from) if text_from else None,
                   "world_root": str(world_root), "train_seconds": round(train_seconds, 1),
                   "final_val_clip_loss": val_loss, "zero_shot": zero_shot,
-                  "checkpoint": CHECKPOINT_NAME, "open_clip_train_log": "logs/train/out.log"}
+                  "checkpoint": CHECKPOINT_NAME, "open_clip_train_log": "logs/train/out.log",
+                  "open_clip_train_stdout": "logs/train.stdout"}
         write_json_atomic(work / REPORT_NAME, report)
         final = cache_dir / key
         if cached_checkpoint(cache_dir, key) is None:  # else a concurrent run finished first

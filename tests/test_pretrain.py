@@ -158,3 +158,12 @@ def test_text_tower_init_refuses_a_mismatched_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="no text-tower weight"):
         pretrain.text_tower_init("tiny-vit", tmp_path / "bad.pt", 0, tmp_path / "init.pt")
     assert not (tmp_path / "init.pt").exists()
+
+
+def test_open_clip_train_failure_names_its_output(tmp_path):
+    args = pretrain.open_clip_train_args(
+        CONFIG, {"pairs_train_csv": str(tmp_path / "missing.csv"),
+                 "pairs_val_csv": str(tmp_path / "missing.csv")}, tmp_path / "logs")
+    with pytest.raises(RuntimeError, match=r"open_clip_train failed \(exit \d+\); its output: "):
+        pretrain.run_open_clip_train(args)
+    assert (tmp_path / "logs" / "train.stdout").read_text().strip()

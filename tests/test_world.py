@@ -205,3 +205,13 @@ def test_rerun_noop_and_regenerate(tmp_path):
     marker.unlink()
     generate_world(tmp_path, seed=0, **opts)
     assert marker.exists()
+
+
+def test_shards_read_with_webdataset(w):
+    wds = pytest.importorskip("webdataset", reason="webdataset not installed (pip install -e .[test])")
+    _, paths = w
+    pairs = list(wds.WebDataset(paths["shards_pattern"], shardshuffle=False)
+                 .decode("pil").to_tuple("png", "txt"))
+    assert len(pairs) == paths["num_train_samples"]
+    image, caption = pairs[0]
+    assert image.size == (OPTS["image_size"],) * 2 and caption_fields(caption)
