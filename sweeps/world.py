@@ -264,31 +264,31 @@ def _make(spec, s, rng, path, key, index):
     return Sample(meta, buf.getvalue(), mask)
 
 
-def render_world(seed, image_size, per_class_domain, two_object_fraction, progress=False):
-    """Main image set: per_class_domain images for every (domain, class)."""
-    jobs = [(d, c, i) for d in range(len(DOMAINS)) for c in range(len(CLASSES))
+def _render_grid(seed, stream, domains, folder, image_size, per_class_domain,
+                 two_object_fraction, desc, progress):
+    """per_class_domain images for every (domain, class), drawn from sub-stream `stream`."""
+    jobs = [(d, c, i) for d in range(len(domains)) for c in range(len(CLASSES))
             for i in range(per_class_domain)]
     out = []
-    for d, c, i in tqdm(jobs, desc="world", disable=not progress):
-        rng, dom, cls = _rng(seed, 0, d, c, i), DOMAINS[d], CLASSES[c]
+    for d, c, i in tqdm(jobs, desc=desc, disable=not progress):
+        rng, dom, cls = _rng(seed, stream, d, c, i), domains[d], CLASSES[c]
         spec = _spec(rng, dom, cls, rng.random() < two_object_fraction)
-        path = f"domainbed/{DOMAINBED_DIRNAME}/{dom}/{class_folder(cls)}/{i:05d}.png"
+        path = f"{folder}/{dom}/{class_folder(cls)}/{i:05d}.png"
         out.append(_make(spec, image_size, rng, path, f"{dom}_{class_folder(cls)}_{i:05d}", i))
     return out
+
+
+def render_world(seed, image_size, per_class_domain, two_object_fraction, progress=False):
+    """Main image set (DomainBed, Dassl): every domain."""
+    return _render_grid(seed, 0, DOMAINS, f"domainbed/{DOMAINBED_DIRNAME}", image_size,
+                        per_class_domain, two_object_fraction, "world", progress)
 
 
 def render_pretraining_pool(seed, image_size, per_class_domain, two_object_fraction,
                             progress=False):
     """Images for the pairs only (seen domains): no DomainBed/Dassl image is in them."""
-    jobs = [(d, c, i) for d in range(len(PAIR_DOMAINS)) for c in range(len(CLASSES))
-            for i in range(per_class_domain)]
-    out = []
-    for d, c, i in tqdm(jobs, desc="pretraining pairs", disable=not progress):
-        rng, dom, cls = _rng(seed, 5, d, c, i), PAIR_DOMAINS[d], CLASSES[c]
-        spec = _spec(rng, dom, cls, rng.random() < two_object_fraction)
-        path = f"pairs/images/{dom}/{class_folder(cls)}/{i:05d}.png"
-        out.append(_make(spec, image_size, rng, path, f"{dom}_{class_folder(cls)}_{i:05d}", i))
-    return out
+    return _render_grid(seed, 5, PAIR_DOMAINS, "pairs/images", image_size, per_class_domain,
+                        two_object_fraction, "pretraining pairs", progress)
 
 
 def render_compositional(seed, image_size, per_class=10):
