@@ -39,3 +39,26 @@ def test_pinned_checkout_is_a_no_op(tmp_path, monkeypatch, capsys):
     assert "at " + head[:12] in capsys.readouterr().out
     assert installer.fetch("DomainBed") is True
     assert capsys.readouterr().out == ""
+
+
+def test_pth_hook_line_runs_only_while_the_clone_exists(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import sysconfig
+    installer = load_installer()
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"purelib": str(site)})
+    imported = {}
+    for name, repo in (("gone", tmp_path / "deleted-clone"), ("here", REPO)):
+        monkeypatch.setattr(installer, "REPO", repo)
+        monkeypatch.setattr(installer, "HERE", repo / "third_party")
+        installer.write_pth(domainbed=True)
+        line = (site / installer.PTH_NAME).read_text().splitlines()[-1]
+        assert line.startswith("import ")  # site.py executes such lines
+        probe = f"exec({line!r}); import sys; print('algorithms.domainbed_hook' in sys.modules)"
+        result = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True,
+                                text=True, cwd=REPO)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        imported[name] = result.stdout.strip()
+    assert imported == {"gone": "False", "here": "True"}

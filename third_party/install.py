@@ -106,7 +106,10 @@ def write_pth(domainbed: bool):
     """One .pth: repo root, DomainBed's clone, and the hook that registers the harness."""
     lines = [str(REPO)]
     if domainbed:
-        lines += [str(HERE / "DomainBed"), "import algorithms.domainbed_hook"]
+        # a clone that has been deleted since: skip the hook instead of a traceback at
+        # every interpreter start
+        lines += [str(HERE / "DomainBed"), f"import os; os.path.isdir({str(REPO)!r}) and "
+                  "__import__('algorithms.domainbed_hook')"]
     content = "\n".join(lines) + "\n"
     target = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
     if not target.exists() or target.read_text() != content:
