@@ -8,7 +8,7 @@ Rerunning resumes: the world, the checkpoint and finished jobs are reused.
 Every algorithm runs with its declared defaults except what demo_hparams sets for the
 tiny CLIP (its checkpoint, the 'photo' template it was pretrained with, a batch of 16
 per domain, the step count and, for fine-tuning, a learning rate that moves a tiny
-model in a few dozen steps). Leave-one-domain-out, one trial, default hyperparameters.
+model in a few dozen steps). Each domain is held out in turn; one trial.
 """
 from __future__ import annotations
 

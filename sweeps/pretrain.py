@@ -185,8 +185,7 @@ def heldout_images(paths: dict) -> dict:
     from sweeps import world
     root = Path(paths["domainbed_dataset"])
     held_out = [d for d in world.DOMAINS if d not in world.PAIR_DOMAINS]
-    files = lambda domains: sorted(str(p) for d in domains for p in (root / d).glob("*/*.png")
-                                   if not p.name.endswith("_mask.png"))
+    files = lambda domains: sorted(str(p) for d in domains for p in (root / d).glob("*/*.png"))
     return {"seen": files(world.PAIR_DOMAINS), "painting": files(held_out)}
 
 
