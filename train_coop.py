@@ -2,7 +2,7 @@
 
     python train_coop.py --trainer ZSCLIP --root DATA \
         --dataset-config-file third_party/CoOp/configs/datasets/oxford_pets.yaml \
-        --config-file trainers/configs/ZSCLIP/vit_b16.yaml \
+        --config-file trainers/configs/backbones/vit_b16.yaml \
         --output-dir output/zsclip/oxford_pets/seed1 --seed 1 DATASET.SUBSAMPLE_CLASSES new
 """
 import sys

@@ -1,5 +1,5 @@
 """AlignCLIP (Han et al., "Navigating the Misalignments for Robust Vision-Language
-Generalization"), spec ../shared/research/alignclip.md (Method A). A CLIPood fork:
+Generalization"), docs/methods/alignclip.md. A CLIPood fork:
 
   L = L_cls + lambda * (AAL + L_last),  lambda = 10
 
@@ -14,7 +14,7 @@ Generalization"), spec ../shared/research/alignclip.md (Method A). A CLIPood for
 - L_last = KL(D-V || normal) of the patch distributions softmax_k cos(patch_k, t_c)
   of the two branches' last-layer tokens, over all classes, batchmean.
 - D-V branch: parameter-shared, forks `dv_layers` blocks before the end (CLIP
-  Surgery's dual path; see clip_backbone.encode_image_taps); 'vvv' is CLIP Surgery's
+  Surgery's dual path; see backbone.encode_image_taps); 'vvv' is CLIP Surgery's
   V-V-V attention, for the ablation.
 - Targets are not detached by default, as in the reference code (gradients also flow
   through the shared D-V branch); `detach_targets` detaches g and the D-V distribution.
@@ -27,10 +27,10 @@ from typing import Dict, Sequence
 import torch
 import torch.nn.functional as F
 
-from algorithms import clip_backbone
+from algorithms import backbone
 from algorithms.clipood import CLIPood, clipood_hparams, margin_logits
-from algorithms.hparams import HParam, HParams, choice, fixed, log_uniform
-from algorithms.registry import register_method
+from algorithms.core.hparams import HParam, HParams, choice, fixed, log_uniform
+from algorithms.core.registry import register_method
 
 LOSS_TYPES = ("sls", "ls", "none")
 
@@ -107,6 +107,7 @@ def alignclip_hparams(dataset: str | None = None) -> HParams:
 @register_method
 class AlignCLIP(CLIPood):
     name = "AlignCLIP"
+    tiny_hparams = {**CLIPood.tiny_hparams, "aligned_layers": 2, "dv_layers": 2}  # 4 blocks
 
     @staticmethod
     def hparams(dataset: str | None = None) -> HParams:
@@ -117,7 +118,7 @@ class AlignCLIP(CLIPood):
         if hparams["loss_type"] not in LOSS_TYPES:
             raise ValueError(f"loss_type {hparams['loss_type']!r} not in {LOSS_TYPES}")
         needs_taps = hparams["use_aal"] or hparams["use_last_alignment"]
-        if needs_taps and not isinstance(self.visual, clip_backbone.VisionTransformer):
+        if needs_taps and not isinstance(self.visual, backbone.VisionTransformer):
             raise NotImplementedError(f"AlignCLIP's alignment losses need a ViT; "
                                       f"{hparams['clip_model']} is {type(self.visual).__name__}")
         depth = len(self.visual.transformer.resblocks) if needs_taps else 0
@@ -135,7 +136,7 @@ class AlignCLIP(CLIPood):
     def loss(self, images, labels):
         hp = self.hp
         if hp["use_aal"] or hp["use_last_alignment"]:
-            taps = clip_backbone.encode_image_taps(
+            taps = backbone.encode_image_taps(
                 self.clip, images, attn_layers=self.attn_layers if hp["use_aal"] else (),
                 dv_start=self.dv_start, dv_mode=hp["dv_mode"], visual=self.visual)
             features = F.normalize(taps.cls, dim=-1)

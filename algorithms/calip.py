@@ -1,5 +1,5 @@
 """CALIP (Guo et al., "CALIP: Zero-Shot Enhancement of CLIP with Parameter-free
-Attention", AAAI 2023), spec ../shared/research/comalign_calip.md (Method D).
+Attention", AAAI 2023), user documentation: docs/methods/calip.md.
 
 Per image, from one image forward: global feature F_v [D], spatial tokens F_s [P, D]
 (all L2-normalised), class text features F_t [C, D] (prompt ensemble, normalised):
@@ -25,7 +25,7 @@ What the reference (ZiyuGuo99/CALIP @ 83e21b6) does, and what is taken here:
 - Tokens (run_imagenet.py, clip/model.py): all output tokens of the modified
   encode_image, each normalised; token 0 is F_v. ViT: ln_post + proj on every token;
   ResNet: the attention pool evaluated at every query
-  (clip_backbone.encode_image_tokens).
+  (backbone.encode_image_tokens).
 - Templates (class_template.py): 7 for ImageNet ("itap of a {}.", ... = open_clip's
   SIMPLE_IMAGENET_TEMPLATES, `templates: simple_imagenet`, the DomainBed default);
   those of the other datasets were never released, so Dassl uses CoOp's per-dataset
@@ -37,29 +37,24 @@ What the reference (ZiyuGuo99/CALIP @ 83e21b6) does, and what is taken here:
   i = 0..199, searched for the best top-1 on the evaluation split itself (ImageNet
   val = the test set): first best in (beta2, beta3) row-major order wins.
 
-Selecting the betas here: `CALIP` searches that grid on validation data only (the
-training domains' held-out splits in DomainBed, the val split in Dassl), through the
-adapters' `select_on_validation(batches, data_key)` hook; `CALIPOracle` is the
-reference's test-tuned search (`select_on_test`: DomainBed gives it all images of the
-test environments, Dassl its test split), so its name marks it in every table. The
+Selecting the betas here (algorithms/core/selection.py): `CALIP` declares
+`selects_on = "validation"` and searches that grid on validation data only (the
+training domains' held-out splits in DomainBed, the val split in Dassl); `CALIPOracle`
+declares `selects_on = "test"`, the reference's test-tuned search (DomainBed gives it
+all images of the test environments, Dassl its test split): an oracle, and its name
+marks it in every table. The
 selected betas are a 2-float buffer: the saved model is tiny. Before any selection
 (e.g. called outside the adapters) the hparams `beta2`, `beta3` are used, by default
 the paper's ImageNet values as copied by SuS-X (1.12, 0.02).
 
-The search is exact and vectorised (`grid_search`): logits are linear in (beta2,
-beta3) given S0, S2, S3, so an image is classified correctly on the set where its
-label's margin over every other class, d0 + beta2 d2 + beta3 d3, stays positive, a
-convex region. Classes whose margin stays positive on the whole grid box are dropped
-(one pass over the data), then for each beta2 row the feasible beta3 interval of every
-image is an intersection of half-lines, counted on the grid with searchsorted and a
-cumulative sum: 200 small passes instead of 40,000 argmaxes over [N, C].
-`grid_search_loop` is the straightforward per-pair loop (tests, benchmark).
+The search itself (exact, vectorised): algorithms/calip_search.py.
 
-S0, S2, S3 and labels of a held-out set are cached (`ScoreCache`, directory
-$CLIPBENCH_CACHE, default data/feature_cache, `off` disables) under a key of the model,
-its weights (a hash of the parameters), class names, templates, attn_scale and the
-data (the adapters' data_key: dataset, split, image list, transform). Files are
-written to a temporary name and renamed, so concurrent sweep jobs are safe.
+S0, S2, S3 and labels of a held-out set are kept in the shared feature cache
+(algorithms/core/feature_cache.py; $CLIPBENCH_CACHE, default data/feature_cache, `off`
+disables) under a key of the model, its weights (a hash of the parameters), class
+names, templates, attn_scale and the data (the adapters' data_key: dataset, split,
+image list, transform); concurrent sweep jobs are safe.
+Formulas, defaults and deviations for users: docs/methods/calip.md.
 
 CALIPFS (few-shot) -- the paper's "small number of linear layers inserted into the
 attention" is UNCERTAIN (official code not released); this follows the spec's reading
@@ -72,28 +67,22 @@ logits as above, with fixed betas (spec defaults 0.08, 0.02). Cross-entropy, SGD
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
-import tempfile
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms import clip_backbone
-from algorithms.hparams import HParams, choice, fixed, log_uniform
-from algorithms.method import CLIPMethod, clip_hparams
-from algorithms.registry import register_method
+from algorithms import backbone
+from algorithms.core.hparams import HParams, choice, fixed, log_uniform
+from algorithms.core.method import CLIPMethod, clip_hparams
+from algorithms.calip_search import beta_grid, grid_search
+from algorithms.core import selection
+from algorithms.core.feature_cache import FeatureCache, tensors_fingerprint
+from algorithms.core.registry import register_method
 
-REPO = Path(__file__).resolve().parent.parent
-CACHE_ENV = "CLIPBENCH_CACHE"
-DEFAULT_CACHE = REPO / "data" / "feature_cache"
+CACHE_KIND = "calip_scores"
 CACHE_FORMAT = "calip-scores-v1"
 
 
@@ -147,175 +136,6 @@ class CALIPFSAttention(nn.Module):
         return CALIPScores(s0=global_feat @ text.T, s2=s2, s3=global_a @ text.T)
 
 
-# --- the beta grid search --------------------------------------------------------------
-
-def beta_grid(high: float, size: int = 200, low: float = 0.001) -> torch.Tensor:
-    """The reference's grid: low + i (high - low) / size, i = 0..size-1 (float64)."""
-    return torch.tensor([i * (high - low) / size + low for i in range(int(size))],
-                        dtype=torch.float64)
-
-
-@dataclass
-class GridSearchResult:
-    beta2s: torch.Tensor    # [G2]
-    beta3s: torch.Tensor    # [G3]
-    correct: torch.Tensor   # [G2, G3] correctly classified images at each pair
-    num_images: int
-
-    def best(self) -> Tuple[float, float, float]:
-        """(beta2, beta3, accuracy) of the first best pair in row-major order, as the
-        reference's `acc > best_acc` loop (beta2 outer, beta3 inner)."""
-        flat = int(torch.argmax(self.correct.flatten()))
-        i, j = divmod(flat, self.correct.shape[1])
-        accuracy = float(self.correct[i, j]) / max(1, self.num_images)
-        return float(self.beta2s[i]), float(self.beta3s[j]), accuracy
-
-
-def grid_search(s0, s2, s3, labels, beta2s, beta3s,
-                max_elements: int = 1 << 22) -> GridSearchResult:
-    """Correct counts of argmax_c(s0 + b2 s2 + b3 s3) == label for every grid pair,
-    without evaluating the pairs one by one; equal to `grid_search_loop` except where a
-    class's logit ties the label's within rounding. beta3s must be ascending."""
-    device = s0.device
-    b2 = torch.as_tensor(beta2s, dtype=torch.float64, device=device)
-    b3 = torch.as_tensor(beta3s, dtype=torch.float64, device=device)
-    if len(b3) > 1 and not bool((b3[1:] >= b3[:-1]).all()):
-        raise ValueError("beta3s must be ascending")
-    labels = labels.to(device)
-    n, c = s0.shape
-    g2, g3 = len(b2), len(b3)
-    diff = torch.zeros(g2, g3 + 1, dtype=torch.long, device=device)
-    always_right = 0
-    lo2, hi2, lo3, hi3 = b2.min(), b2.max(), b3.min(), b3.max()
-    rows = max(1, max_elements // max(1, c))
-    for start in range(0, n, rows):
-        y = labels[start:start + rows]
-        margins = [(s[start:start + rows].double().gather(1, y[:, None])
-                    - s[start:start + rows].double()) for s in (s0, s2, s3)]
-        d0, d2, d3 = margins
-        # the label's margin over class c is linear on the box [lo2, hi2] x [lo3, hi3]:
-        # its extremes are sums of the per-axis extremes
-        low = d0 + torch.minimum(lo2 * d2, hi2 * d2) + torch.minimum(lo3 * d3, hi3 * d3)
-        high = d0 + torch.maximum(lo2 * d2, hi2 * d2) + torch.maximum(lo3 * d3, hi3 * d3)
-        low.scatter_(1, y[:, None], float("inf"))      # the label does not compete
-        high.scatter_(1, y[:, None], float("inf"))
-        relevant = low <= 0
-        count = relevant.sum(dim=1)
-        wrong = (high < 0).any(dim=1)                   # beaten on the whole box
-        right = (count == 0)
-        always_right += int(right.sum())
-        todo = torch.nonzero(~right & ~wrong).flatten()
-        if len(todo) == 0:
-            continue
-        todo = todo[torch.argsort(count[todo])]           # similar K per sub-chunk
-        for sub in torch.split(todo, 1024):
-            k = int(count[sub].max())
-            cls = low[sub].topk(k, dim=1, largest=False).indices          # [m, K]
-            a0, a2, a3 = (d[sub].gather(1, cls) for d in margins)
-            after_label = cls > y[sub][:, None]        # ties go to the lower index
-            step = max(1, max_elements // (len(sub) * k))
-            for r in range(0, g2, step):
-                _count_feasible(diff[r:r + step], b2[r:r + step], b3, a0, a2, a3, after_label)
-    correct = diff.cumsum(dim=1)[:, :g3] + always_right
-    return GridSearchResult(b2.cpu(), b3.cpu(), correct.cpu(), n)
-
-
-def _count_feasible(diff, b2, b3, a0, a2, a3, after_label):
-    """For each beta2 in b2 and image: the beta3 interval where the label beats every
-    listed class (margin a0 + b2 a2 + b3 a3 > 0), added to diff as +1/-1 at its grid ends."""
-    a = a0[None] + b2[:, None, None] * a2[None]                         # [g, m, K]
-    d = a3[None].expand_as(a)
-    bound = -a / torch.where(d == 0, torch.ones_like(d), d)
-    lower = torch.where(d > 0, bound, torch.full_like(a, -float("inf"))).amax(dim=2)
-    upper = torch.where(d < 0, bound, torch.full_like(a, float("inf"))).amin(dim=2)
-    dead = ((d == 0) & ((a < 0) | ((a == 0) & ~after_label[None]))).any(dim=2)
-    first = torch.searchsorted(b3, lower.contiguous(), right=True)       # b3 > lower
-    stop = torch.searchsorted(b3, upper.contiguous(), right=False)       # b3 < upper
-    ok = (~dead & (stop > first)).long()
-    diff.scatter_add_(1, first, ok)
-    diff.scatter_add_(1, stop, -ok)
-
-
-def grid_search_loop(s0, s2, s3, labels, beta2s, beta3s) -> GridSearchResult:
-    """The straightforward reference: one argmax over [N, C] per (beta2, beta3) pair."""
-    correct = torch.zeros(len(beta2s), len(beta3s), dtype=torch.long)
-    for i, b2 in enumerate(beta2s.tolist()):
-        for j, b3 in enumerate(beta3s.tolist()):
-            logits = s0 + b2 * s2 + b3 * s3
-            correct[i, j] = int((logits.argmax(dim=1) == labels).sum())
-    return GridSearchResult(torch.as_tensor(beta2s).cpu(), torch.as_tensor(beta3s).cpu(),
-                            correct, len(labels))
-
-
-# --- score cache ------------------------------------------------------------------------
-
-def cache_root() -> Optional[Path]:
-    value = os.environ.get(CACHE_ENV)
-    if value is None:
-        return DEFAULT_CACHE
-    if value.strip().lower() in ("", "0", "off", "none", "false"):
-        return None
-    return Path(value)
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def tensors_fingerprint(tensors: Iterable[Tuple[str, torch.Tensor]]) -> str:
-    h = hashlib.sha256()
-    for name, t in tensors:
-        t = t.detach().contiguous().reshape(-1)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(text)).strip("_")[:60] or "data"
-
-
-class ScoreCache:
-    """Files of {s0, s2, s3, labels} keyed by a digest; written atomically."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def path(self, key: dict) -> Path:
-        data = key.get("data", {})
-        prefix = f"{_slug(data.get('dataset', 'data'))}_{_slug(data.get('split', ''))}"
-        name = f"{prefix}_{digest(key)[:24]}.pt"
-        return self.root / "calip_scores" / _slug(key.get("clip_model", "model")) / name
-
-    def load(self, key: dict) -> Optional[Dict[str, torch.Tensor]]:
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or foreign file: recompute
-            warnings.warn(f"ignoring unreadable cache file {path}: {e}")
-            return None
-        if entry.get("key_digest") != digest(key):
-            return None
-        return {k: entry[k] for k in ("s0", "s2", "s3", "labels")}
-
-    def save(self, key: dict, scores: Dict[str, torch.Tensor]) -> Path:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        entry = dict(scores, key_digest=digest(key))
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(entry, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
-
-
 # --- methods ----------------------------------------------------------------------------
 
 def calip_hparams(dataset: str | None = None) -> HParams:
@@ -338,7 +158,7 @@ class _CALIPBase(CLIPMethod):
 
     def image_features(self, images: torch.Tensor):
         with torch.no_grad():
-            pooled, spatial = clip_backbone.encode_image_tokens(self.clip, images)
+            pooled, spatial = backbone.encode_image_tokens(self.clip, images)
         return F.normalize(pooled, dim=-1), F.normalize(spatial, dim=-1)
 
 
@@ -346,6 +166,7 @@ class _CALIPBase(CLIPMethod):
 class CALIP(_CALIPBase):
     """Parameter-free CALIP; betas selected on validation data (see module docstring)."""
     name = "CALIP"
+    selects_on = selection.VALIDATION
 
     @staticmethod
     def hparams(dataset: str | None = None) -> HParams:
@@ -356,7 +177,7 @@ class CALIP(_CALIPBase):
         self.register_buffer("betas", torch.tensor(
             [float(hparams["beta2"]), float(hparams["beta3"])], dtype=torch.float64,
             device=self.class_embeddings.device))
-        self.selection: Optional[Dict[str, float]] = None
+        self.selected: Optional[Dict[str, float]] = None
         self._weights_fingerprint: Optional[str] = None
 
     def scores(self, images: torch.Tensor) -> CALIPScores:
@@ -377,11 +198,9 @@ class CALIP(_CALIPBase):
 
     # -- selection ---------------------------------------------------------------------
 
-    def select_on_validation(self, batches, data_key: Optional[dict] = None) -> Dict[str, float]:
-        """Grid-search the betas on held-out validation data: (images, labels) batches."""
-        return self._select(batches, data_key, "validation")
-
-    def _select(self, batches, data_key, split) -> Dict[str, float]:
+    def select(self, batches, data_key: Optional[dict] = None) -> Dict[str, float]:
+        """Grid-search the betas on the held-out data the method declared
+        (`selects_on`): (images, labels) batches."""
         scores = self.held_out_scores(batches, data_key)
         device = self.betas.device
         hp = self.hp
@@ -391,11 +210,12 @@ class CALIP(_CALIPBase):
             beta_grid(hp["beta3_max"], hp["beta_grid"], hp["beta_min"]))
         beta2, beta3, accuracy = result.best()
         self.betas.copy_(torch.tensor([beta2, beta3], dtype=torch.float64))
-        self.selection = {"beta2": beta2, "beta3": beta3, "select_acc": accuracy,
+        self.selected = {"beta2": beta2, "beta3": beta3, "select_acc": accuracy,
                           "select_images": float(result.num_images)}
-        print(f"{self.name}: selected beta2={beta2:.4f} beta3={beta3:.4f} on the {split} "
-              f"data ({result.num_images} images, accuracy {100 * accuracy:.2f}%)")
-        return dict(self.selection)
+        print(f"{self.name}: selected beta2={beta2:.4f} beta3={beta3:.4f} on the "
+              f"{self.selects_on} data ({result.num_images} images, "
+              f"accuracy {100 * accuracy:.2f}%)")
+        return dict(self.selected)
 
     def cache_key(self, data_key: dict) -> dict:
         if self._weights_fingerprint is None:
@@ -404,21 +224,21 @@ class CALIP(_CALIPBase):
                 list(self.clip.state_dict().items()) + trained)
         return {"format": CACHE_FORMAT, "clip_model": self.hp["clip_model"],
                 "weights": self._weights_fingerprint, "classnames": self.classnames,
-                "templates": list(clip_backbone.resolve_templates(self.hp["templates"])),
+                "templates": list(backbone.resolve_templates(self.hp["templates"])),
                 "attn_scale": float(self.hp["attn_scale"]), "data": data_key}
 
     @torch.no_grad()
     def held_out_scores(self, batches, data_key: Optional[dict] = None) -> Dict[str, torch.Tensor]:
         """S0, S2, S3 and labels of a held-out set, from the cache when `data_key` (the
         adapter's description of the data) is given and the cache is on."""
-        root = cache_root()
-        cache = ScoreCache(root) if root is not None and data_key is not None else None
-        key = self.cache_key(data_key) if cache is not None else None
-        if cache is not None:
-            cached = cache.load(key)
-            if cached is not None:
-                print(f"{self.name}: held-out scores from {cache.path(key)}")
-                return cached
+        cache = FeatureCache.from_env(CACHE_KIND) if data_key is not None else None
+        if cache is None:
+            return self._compute_scores(batches)
+        return cache.get_or_compute(self.cache_key(data_key),
+                                    lambda: self._compute_scores(batches),
+                                    name=f"{self.name}: held-out scores")
+
+    def _compute_scores(self, batches) -> Dict[str, torch.Tensor]:
         device = self.betas.device
         parts = {"s0": [], "s2": [], "s3": [], "labels": []}
         for images, labels in batches:
@@ -428,27 +248,21 @@ class CALIP(_CALIPBase):
             parts["labels"].append(torch.as_tensor(labels).long().cpu())
         if not parts["labels"]:
             raise ValueError(f"{self.name}: the held-out data is empty")
-        scores = {k: torch.cat(v) for k, v in parts.items()}
-        if cache is not None:
-            cache.save(key, scores)
-        return scores
+        return {k: torch.cat(v) for k, v in parts.items()}
 
 
 @register_method
 class CALIPOracle(CALIP):
     """CALIP with the reference's test-tuned beta search: selects on the test data."""
     name = "CALIPOracle"
-    select_on_validation = None  # the adapters call only the hook a method has
-
-    def select_on_test(self, batches, data_key: Optional[dict] = None) -> Dict[str, float]:
-        """Grid-search the betas on the test data itself (an oracle, as the reference)."""
-        return self._select(batches, data_key, "test")
+    selects_on = selection.TEST
 
 
 @register_method
 class CALIPFS(_CALIPBase):
     """CALIP-FS: few-shot CALIP with linear layers in the attention (module docstring)."""
     name = "CALIPFS"
+    trains = True
 
     @staticmethod
     def hparams(dataset: str | None = None) -> HParams:

@@ -4,6 +4,7 @@ average of the weights for prediction (algorithms/finetune.py).
 
 Margin logits: z_c = tau * (<f, t_c> - alpha * <t_y, t_c>), f = normalised image
 feature, not re-normalised after subtracting alpha * t_y (as in the reference).
+Documentation: docs/methods/clipood.md.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.finetune import VisualFinetuner, finetune_hparams
-from algorithms.hparams import HParam, HParams
-from algorithms.registry import register_method
+from algorithms.core.hparams import HParam, HParams
+from algorithms.core.registry import register_method
 
 
 def margin_logits(features: torch.Tensor, class_embeddings: torch.Tensor,

@@ -4,6 +4,7 @@ AdamW + cosine schedule over `total_steps`, the encoder kept in eval mode while 
 trains (the reference's "Freeze all Norm Layers": BatchNorm statistics and dropout
 frozen, LayerNorm affine weights still train), and an optional Beta moving average
 (BMA) of the weights that is used for prediction. Baseline `CLIPFT`: cross-entropy.
+Documentation: docs/methods/clipft.md (BMA: docs/methods/clipood.md).
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from algorithms.hparams import HParams, choice, fixed, log_uniform
-from algorithms.method import CLIPMethod, clip_hparams
-from algorithms.registry import register_method
+from algorithms.core.hparams import HParams, choice, fixed, log_uniform
+from algorithms.core.method import CLIPMethod, clip_hparams
+from algorithms.core.registry import register_method
 
 LARGE_DATASETS = ("OfficeHome", "DomainNet")  # reference lr 1e-5 instead of 5e-6
 
@@ -70,6 +71,8 @@ class BetaMovingAverage(nn.Module):
 class VisualFinetuner(CLIPMethod):
     """Trains `self.visual` (CLIP's image tower, shared with self.clip). Subclasses
     implement `loss(images, labels) -> (loss, summary)`."""
+    trains = True
+    tiny_hparams = {"lr": 1e-4}  # moves the tiny CLIP in a few dozen steps
 
     @staticmethod
     def hparams(dataset: str | None = None) -> HParams:

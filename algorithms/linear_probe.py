@@ -1,21 +1,23 @@
 """Linear probe: a linear classifier trained on frozen, normalised CLIP image features
 (AdamW + cosine schedule). `lp_init`: 'random' (the standard probe) or 'zeroshot'
 (weights start at logit_scale * text classifier, bias 0). A probe has no weights for
-classes it never saw, so it cannot be evaluated on new classes."""
+classes it never saw, so it cannot be evaluated on new classes.
+Documentation: docs/methods/cliplp.md."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.hparams import HParams, choice, fixed, log_uniform
-from algorithms.method import CLIPMethod, clip_hparams
-from algorithms.registry import register_method
+from algorithms.core.hparams import HParams, choice, fixed, log_uniform
+from algorithms.core.method import CLIPMethod, clip_hparams
+from algorithms.core.registry import register_method
 
 
 @register_method
 class CLIPLP(CLIPMethod):
     name = "CLIPLP"
+    trains = True
 
     @staticmethod
     def hparams(dataset: str | None = None) -> HParams:

@@ -1,8 +1,9 @@
-"""Zero-shot CLIP: text classifier from class names and prompt templates, no training."""
+"""Zero-shot CLIP: text classifier from class names and prompt templates, no training.
+Documentation: docs/methods/zsclip.md."""
 from __future__ import annotations
 
-from algorithms.method import CLIPMethod
-from algorithms.registry import register_method
+from algorithms.core.method import CLIPMethod
+from algorithms.core.registry import register_method
 
 
 @register_method

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from algorithms import clip_backbone
+from algorithms import backbone
 from algorithms.alignclip import layer_averaged_attention
-from algorithms.registry import get_method
-from results.records import write_json_atomic
-from sweeps import world
+from algorithms.core.registry import get_method
+from clipworld import generate as world
+from common.files import write_json_atomic
+from common.paths import OUTPUT
+
 
 TRAIN_DOMAINS = ("photo", "sketch", "cartoon")
 
@@ -32,7 +34,7 @@ def load_split(world_root, size, held_out_every=4):
     """DomainBed-layout images of all domains with their masks; every `held_out_every`-th
     image per class/domain is held out for measuring, the rest is for training."""
     root = Path(world_root) / "domainbed" / world.DOMAINBED_DIRNAME
-    transform = clip_backbone.clip_transform(size, train=False)
+    transform = backbone.clip_transform(size, train=False)
     train, test = [], []
     for domain in world.DOMAINS:
         for label, name in enumerate(world.CLASSES):
@@ -58,7 +60,7 @@ def attention_maps(method, images, layers, batch=64):
     visual = method.eval_visual() if hasattr(method, "eval_visual") else method.clip.visual
     maps = []
     for start in range(0, len(images), batch):
-        taps = clip_backbone.encode_image_taps(method.clip, images[start:start + batch],
+        taps = backbone.encode_image_taps(method.clip, images[start:start + batch],
                                                attn_layers=layers, visual=visual)
         maps.append(layer_averaged_attention([taps.cls_attn[i] for i in layers]))
     return torch.cat(maps)
@@ -117,12 +119,12 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/attention")
+    parser.add_argument("--out", default=str(OUTPUT / "attention"))
     args = parser.parse_args(argv)
     if args.clip_pretrained is None:
-        from sweeps import pretrain
+        from pretraining import tiny_clip as pretrain
         args.clip_pretrained = str(pretrain.pretrain(args.world))
-    size = clip_backbone.image_size_of(args.clip_model)
+    size = backbone.image_size_of(args.clip_model)
     train_items, test_items = load_split(args.world, size)
     images = torch.stack([item[0] for item in test_items])
     methods = {}

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from algorithms.calip import beta_grid, grid_search, grid_search_loop  # noqa: E402
+from algorithms.calip_search import beta_grid, grid_search, grid_search_loop  # noqa: E402
 
 
 def synthetic_scores(images: int, classes: int, seed: int = 0):

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from algorithms import clip_backbone
-from algorithms.registry import get_method
+from algorithms import backbone
+from algorithms.core.registry import get_method
 
 
 def build(name, model, weights, device):
@@ -41,7 +41,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    size = clip_backbone.image_size_of(args.model)
+    size = backbone.image_size_of(args.model)
     images = torch.randn(args.batch, 3, size, size, device=args.device)
     labels = torch.arange(args.batch, device=args.device) % 10
     methods = {name: build(name, args.model, args.pretrained, args.device)

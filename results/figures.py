@@ -1,8 +1,6 @@
 """Figures (matplotlib, Agg backend), written atomically as PNG beside the tables."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -10,23 +8,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from common.files import write_atomic  # noqa: E402
 from results.tables import Table  # noqa: E402
 
 
 def save_atomic(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120,
+                                                          bbox_inches="tight"))
     finally:
         plt.close(fig)
-    return path
 
 
 def bar_chart(table: Table, column: str, path) -> Path | None:

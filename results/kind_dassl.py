@@ -29,7 +29,7 @@ from pathlib import Path
 
 from results import reference
 from results.kinds import Kind, register
-from results.records import read_json
+from common.files import read_json
 from results.tables import Cell, Table, harmonic_mean, mean_std
 
 IMAGENET = "ImageNet"

@@ -30,7 +30,7 @@ import numpy as np
 
 from results import reference
 from results.kinds import Kind, register
-from results.records import read_jsonl
+from common.files import read_jsonl
 from results.tables import Cell, Table, mean_se
 
 # (file-name tag, DomainBed selection method): upstream's three default methods
@@ -136,8 +136,8 @@ def upstream_environments() -> dict[str, list[str]]:
                         if isinstance(value, list):
                             names[node.name] = [str(e) for e in value]
     try:
-        from algorithms.domainbed_plugin import harness_datasets
-        names.update({k: list(envs) for k, (_, envs) in harness_datasets().items()})
+        from clipworld import domainbed_dataset, generate
+        names[domainbed_dataset.NAME] = sorted(generate.DOMAINS)
     except Exception:  # the harness's datasets are a nicety for labels only
         pass
     return names

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from results.records import write_text_atomic
+from common.files import write_text_atomic
 
 MISSING = "—"
 

@@ -39,11 +39,15 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-COOP_DIR = Path(os.environ.get("CLIPBENCH_COOP_DIR", REPO / "third_party" / "CoOp"))
-SETTINGS_FILE = REPO / "trainers" / "configs" / "protocols.yaml"
+from algorithms.core import registry
+from common import env
+from common.paths import REPO, TRAINER_CONFIGS
+
+COOP_DIR = env.coop_dir()
+SETTINGS_FILE = TRAINER_CONFIGS / "protocols.yaml"
+HARNESS_DEFAULT_CONFIG = TRAINER_CONFIGS / "backbones" / "vit_b16.yaml"
 TRAIN_COOP = REPO / "train_coop.py"
-OPENAI_CLIP_DIR_ENV = "CLIPBENCH_OPENAI_CLIP_DIR"  # read by trainers/coop_runner.py
+OPENAI_CLIP_DIR_ENV = env.OPENAI_CLIP_DIR  # read by trainers/coop_runner.py
 # CoOp's own trainers: they load OpenAI CLIP through CoOp's vendored `clip`
 COOP_TRAINERS = ("CoOp", "CoCoOp", "ZeroshotCLIP", "ZeroshotCLIP2")
 PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization")
@@ -131,9 +135,9 @@ DATASETS = {d.key: d for d in (
             files=("classnames.txt",)),
     Dataset("imagenet_r", "ImageNetR", "imagenet-rendition", "imagenet-r",
             files=("classnames.txt",)),
-    # the generated world (python -m sweeps.world --root R: its datasets are under R/coop)
+    # the generated world (python -m clipworld.generate --root R: its datasets are under R/coop)
     Dataset("clip_world", "CLIPWorld", "clip_world", "images", "split_clip_world.json",
-            config_dir=REPO / "trainers" / "configs" / "datasets"),
+            config_dir=TRAINER_CONFIGS / "datasets"),
 )}
 SOURCE = "imagenet"
 BASE2NEW = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -176,6 +180,7 @@ class Settings:
     train: bool = True
     reference_steps: dict = field(default_factory=dict)
     opts_by_dataset: dict = field(default_factory=dict)
+    opts: list = field(default_factory=list)
 
     def config_for(self, dataset_key: str) -> Path:
         return self.config_by_dataset.get(dataset_key, self.config)
@@ -189,21 +194,23 @@ def config_path(spec: str) -> Path:
 
 def load_settings(trainer: str, config_file=None, path=SETTINGS_FILE) -> Settings:
     """The protocol settings of a trainer; `config_file` (--config-file) replaces its
-    configs. A trainer not in the file: its trainers/configs/<Name>/vit_b16.yaml, trained."""
+    configs. The harness's trainers default to trainers/configs/backbones/vit_b16.yaml and
+    train when their method declares `trains`; any other trainer needs an entry."""
     with open(path) as f:
-        entry = (yaml.safe_load(f).get("trainers") or {}).get(trainer)
-    if entry is None:
-        default = REPO / "trainers" / "configs" / trainer / "vit_b16.yaml"
-        if config_file is None and not default.is_file():
-            raise ValueError(f"{trainer}: no settings in {path.relative_to(REPO)} and no "
-                             f"{default.relative_to(REPO)}: pass --config-file")
-        entry = {"config": str(default)}
+        entry = (yaml.safe_load(f).get("trainers") or {}).get(trainer) or {}
+    harness = registry.methods().get(trainer)
+    if not entry and harness is None and config_file is None:
+        raise ValueError(f"{trainer}: not a harness trainer and no settings in "
+                         f"{path.relative_to(REPO)}: pass --config-file")
+    config = entry.get("config") or str(HARNESS_DEFAULT_CONFIG)
+    train = entry.get("train", harness.trains if harness is not None else True)
     by_dataset = entry.get("config_by_dataset") or {}
-    settings = Settings(trainer, config_path(entry["config"]),
+    settings = Settings(trainer, config_path(config),
                         {k: config_path(v) for k, v in by_dataset.items()},
-                        bool(entry.get("train", True)), dict(entry.get("reference_steps") or {}),
+                        bool(train), dict(entry.get("reference_steps") or {}),
                         {k: [str(o) for o in v]
-                         for k, v in (entry.get("opts_by_dataset") or {}).items()})
+                         for k, v in (entry.get("opts_by_dataset") or {}).items()},
+                        [str(o) for o in entry.get("opts") or []])
     if config_file is not None:
         settings.config, settings.config_by_dataset = Path(config_file).resolve(), {}
     return settings
@@ -298,7 +305,7 @@ def plan(protocol, settings_list, datasets, infos, seeds, shots, root, output,
         flags = base_flags(root, s.trainer, seed, dataset, config, out_dir)
         if stage in ("test_new", "target") or not s.train:
             flags.append("--eval-only")
-        opts = [*opts, *s.opts_by_dataset.get(dataset.key, []), *user_opts]
+        opts = [*opts, *s.opts, *s.opts_by_dataset.get(dataset.key, []), *user_opts]
         return Run(s.trainer, dataset, seed, stage, out_dir, flags, opts,
                    evaluates if s.train else None, note)
 
@@ -307,7 +314,7 @@ def plan(protocol, settings_list, datasets, infos, seeds, shots, root, output,
             for s in settings_list:
                 config = s.config_for(dataset.key)
                 epochs, note = max_epoch_opts(s, dataset, infos[dataset.key], shots, "base",
-                                              read_config(config), user_opts)
+                                              read_config(config), [*s.opts, *user_opts])
                 for seed in seeds:
                     common = Path(dataset.key, f"shots_{shots}", s.trainer, config.stem,
                                   f"seed{seed}")
@@ -324,7 +331,7 @@ def plan(protocol, settings_list, datasets, infos, seeds, shots, root, output,
         config = s.config_for(SOURCE)  # the ImageNet model's config, for its targets too
         tag = f"{config.stem}_{shots}shots"
         epochs, note = max_epoch_opts(s, imagenet, infos.get(SOURCE, {}), shots, "all",
-                                      read_config(config), user_opts)
+                                      read_config(config), [*s.opts, *user_opts])
         for seed in seeds:
             train = make(s, imagenet, seed, "source", config,
                          output / SOURCE / s.trainer / tag / f"seed{seed}",
@@ -370,7 +377,7 @@ def accuracy(run_dir: Path) -> str:
         return "no accuracy in results.json"
 
 
-def execute(runs, env, verbose=False) -> dict:
+def execute(runs, environment, verbose=False) -> dict:
     """Run what is not finished, in order. Returns counts by outcome."""
     todo = [r for r in runs if not is_finished(r.out_dir)]
     print(f"{len(runs)} runs: {len(runs) - len(todo)} finished (skipped), {len(todo)} to run")
@@ -390,7 +397,7 @@ def execute(runs, env, verbose=False) -> dict:
         if verbose:
             print("$ " + shlex.join(cmd), flush=True)
         start = time.time()
-        result = subprocess.run(cmd, cwd=REPO, env=env, text=True,
+        result = subprocess.run(cmd, cwd=REPO, env=environment, text=True,
                                 **({} if verbose else {"capture_output": True}))
         took = time.time() - start
         if result.returncode == 0 and is_finished(run.out_dir):
@@ -535,10 +542,10 @@ def main(argv=None) -> int:
             print(f"# {run.label()} ({state}){': ' + run.note if run.note else ''}")
             print(shlex.join(command(run)))
         return 0
-    env = dict(os.environ)
+    environment = dict(os.environ)
     if args.openai_clip_dir:
-        env[OPENAI_CLIP_DIR_ENV] = str(Path(args.openai_clip_dir).expanduser().resolve())
-    outcome = execute(runs, env, verbose=args.verbose)
+        environment[OPENAI_CLIP_DIR_ENV] = str(Path(args.openai_clip_dir).expanduser().resolve())
+    outcome = execute(runs, environment, verbose=args.verbose)
     print(f"{outcome['finished']} were finished, {outcome['done']} done now, "
           f"{outcome['failed']} failed, {outcome['blocked']} waiting on a failed model")
     tables = make_tables(args.protocol, output, wanted, figures=not args.no_figures)

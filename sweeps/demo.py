@@ -3,12 +3,13 @@ pairs (open_clip_train, cached), run DomainBed's own sweep of every algorithm th
 registers on it, then DomainBed's collect_results and the harness's tables.
 Rerunning resumes: the world, the checkpoint and finished jobs are reused.
 
-    python -m sweeps.demo [--root data/world] [--output results/demo] [--algorithms ...]
+    python -m sweeps.demo [--root data/world] [--output output/demo] [--algorithms ...]
 
 Every algorithm runs with its declared defaults except what demo_hparams sets for the
-tiny CLIP (its checkpoint, the 'photo' template it was pretrained with, a batch of 16
-per domain, the step count and, for fine-tuning, a learning rate that moves a tiny
-model in a few dozen steps). Each domain is held out in turn; one trial.
+tiny CLIP: its checkpoint, the 'photo' template it was pretrained with and, for a method
+that declares `trains`, a batch of 16 per domain, the step count and what the method
+declares in `tiny_hparams` (e.g. a learning rate that moves a tiny model in a few dozen
+steps). Each domain is held out in turn; one trial.
 """
 from __future__ import annotations
 
@@ -22,23 +23,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from algorithms import registry
-from sweeps import pretrain, world
-
-REPO = Path(__file__).resolve().parent.parent
-FINE_TUNING = ("CLIPFT", "CLIPood", "AlignCLIP")
+from algorithms.core import registry
+from clipworld import generate as world
+from common import env
+from common.paths import OUTPUT, WORLD
+from pretraining import tiny_clip as pretrain
 
 
 def demo_hparams(algorithm: str, checkpoint, model: str, steps: int) -> dict:
     """What the demo changes of an algorithm's defaults (all of it goes in --hparams)."""
-    declared = registry.get_method(algorithm).default_hparams()
+    method_cls = registry.get_method(algorithm)
     hp = {"clip_model": model, "clip_pretrained": str(checkpoint), "templates": "photo"}
-    if "batch_size" in declared:
-        hp.update(batch_size=16, total_steps=steps)
-    if algorithm in FINE_TUNING:
-        hp["lr"] = 1e-4
-    if algorithm == "AlignCLIP":  # the tiny ViT has 4 blocks
-        hp.update(aligned_layers=2, dv_layers=2)
+    if method_cls.trains:
+        hp.update(batch_size=16, total_steps=steps, **method_cls.tiny_hparams)
     return hp
 
 
@@ -49,7 +46,8 @@ def sweep_groups(algorithms, checkpoint, model, steps) -> list[tuple[list, dict,
     for algorithm in algorithms:
         hp = demo_hparams(algorithm, checkpoint, model, steps)
         groups.setdefault(json.dumps(hp, sort_keys=True), (hp, []))[1].append(algorithm)
-    return [(names, hp, steps if "total_steps" in hp else 1) for hp, names in groups.values()]
+    return [(names, hp, steps if registry.get_method(names[0]).trains else 1)
+            for hp, names in groups.values()]
 
 
 def domainbed_available() -> bool:
@@ -74,14 +72,14 @@ def has_incomplete_jobs(sweep_dir) -> bool:
 def run_sweep(data_dir, output_dir, algorithms, hparams, steps) -> None:
     """`python -m domainbed.scripts.sweep launch` (it skips jobs whose `done` file
     exists), after `delete_incomplete` when an interrupted job is there."""
-    env = dict(os.environ, CLIPBENCH_NUM_WORKERS=os.environ.get("CLIPBENCH_NUM_WORKERS", "0"))
+    environment = dict(os.environ, **{env.NUM_WORKERS: os.environ.get(env.NUM_WORKERS, "0")})
     args = sweep_args(data_dir, output_dir, algorithms, hparams, steps)
     if has_incomplete_jobs(output_dir):
         subprocess.run([sys.executable, "-m", "domainbed.scripts.sweep", "delete_incomplete",
-                        *args], check=True, env=env, stdout=subprocess.DEVNULL)
+                        *args], check=True, env=environment, stdout=subprocess.DEVNULL)
     n_jobs = len(algorithms) * len(world.DOMAINS)
     launch = subprocess.Popen([sys.executable, "-m", "domainbed.scripts.sweep", "launch",
-                               *args], env=env, stdout=subprocess.DEVNULL)
+                               *args], env=environment, stdout=subprocess.DEVNULL)
     with tqdm(total=n_jobs, desc="jobs done", unit="job") as bar:
         while launch.poll() is None:
             time.sleep(1)
@@ -113,8 +111,8 @@ def collect_domainbed(sweep_dir) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=str(REPO / "data" / "world"))
-    parser.add_argument("--output", default=str(REPO / "results" / "demo"))
+    parser.add_argument("--root", default=str(WORLD))
+    parser.add_argument("--output", default=str(OUTPUT / "demo"))
     parser.add_argument("--cache-dir", default=str(pretrain.DEFAULT_CACHE_DIR))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithms", nargs="+", default=sorted(registry.methods()),

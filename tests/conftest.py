@@ -30,7 +30,7 @@ needs_coop = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
-    from sweeps import world
+    from clipworld import generate as world
     root = tmp_path_factory.mktemp("world")
     return world.generate_world(root, seed=0, image_size=64, per_class_domain=10,
                                 compositional_per_class=2, pretrain_per_class_domain=10)
@@ -38,10 +38,10 @@ def small_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_clip():
-    from algorithms import clip_backbone
+    from algorithms import backbone
     import torch
     torch.manual_seed(0)
-    return clip_backbone.load_clip("tiny-vit", None)
+    return backbone.load_clip("tiny-vit", None)
 
 
 def run(cmd, cwd=REPO, env=None, timeout=600):

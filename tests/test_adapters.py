@@ -14,9 +14,9 @@ def test_domainbed_and_dassl_give_the_same_logits(tmp_path, tiny_clip):
     import dassl.config
     from dassl.engine.trainer import TrainerBase
     from domainbed import algorithms, hparams_registry
-    from algorithms import domainbed_plugin
+    from domainbed_adapter import patches
     from trainers import dassl_adapter
-    domainbed_plugin.patch_loaded()
+    patches.patch_loaded()
 
     weights = tmp_path / "tiny.pt"
     torch.save(tiny_clip[0].state_dict(), weights)
@@ -31,8 +31,10 @@ def test_domainbed_and_dassl_give_the_same_logits(tmp_path, tiny_clip):
     dassl_adapter.add_method_configs(cfg)
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"
     cfg.TRAINER.NAME = "AlignCLIP"
-    for key in ("CLIP_MODEL", "CLIP_PRETRAINED", "TEMPLATES"):
-        cfg.TRAINER.ALIGNCLIP[key] = tiny[key.lower()]
+    assert cfg.TRAINER.ALIGNCLIP.BMA_BETA == 0.1  # trainers/configs/methods/AlignCLIP.yaml
+    cfg.TRAINER.ALIGNCLIP.BMA_BETA = hparams["bma_beta"]
+    cfg.CLIP.MODEL, cfg.CLIP.PRETRAINED = tiny["clip_model"], tiny["clip_pretrained"]
+    cfg.TRAINER.ALIGNCLIP.TEMPLATES = tiny["templates"]
     dassl_adapter.register_trainers()
     from dassl.engine import TRAINER_REGISTRY
     trainer = object.__new__(TRAINER_REGISTRY.get("AlignCLIP"))
@@ -49,3 +51,23 @@ def test_domainbed_and_dassl_give_the_same_logits(tmp_path, tiny_clip):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(trainer.model_inference(images), domainbed_algorithm.predict(images))
+
+
+@needs_coop
+def test_dassl_prompts_class_names_as_coops_trainers_do():
+    import dassl.config
+    from dassl.engine import TRAINER_REGISTRY
+    from dassl.engine.trainer import TrainerBase
+    from trainers import dassl_adapter
+    cfg = dassl.config.get_cfg_default()
+    dassl_adapter.add_method_configs(cfg)
+    cfg.CLIP.MODEL, cfg.CLIP.PRETRAINED = TINY["clip_model"], TINY["clip_pretrained"]
+    dassl_adapter.register_trainers()
+    trainer = object.__new__(TRAINER_REGISTRY.get("ZSCLIP"))
+    TrainerBase.__init__(trainer)
+    trainer.cfg, trainer.device, trainer.max_epoch = cfg, torch.device("cpu"), 1
+    trainer.train_loader_x = [None]
+    names = ["american_bulldog", "t-shirt", "Abyssinian"]
+    trainer.dm = types.SimpleNamespace(dataset=types.SimpleNamespace(classnames=names))
+    trainer.build_model()
+    assert trainer.model.classnames == ["american bulldog", "t-shirt", "Abyssinian"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from algorithms import alignclip as ac
 from algorithms.clipood import margin_logits
 from algorithms.finetune import BetaMovingAverage
-from algorithms.registry import get_method
+from algorithms.core.registry import get_method
 from tests.conftest import TINY
 
 E = math.e

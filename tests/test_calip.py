@@ -1,19 +1,19 @@
-"""CALIP, CALIPOracle, CALIPFS: formulas against small hand-computed examples, the
-vectorised beta search against the per-pair loop, what each mode selects on in both
-harnesses, the score cache, and DomainBed / train_coop.py runs (started together)."""
+"""CALIP, CALIPOracle, CALIPFS: formulas against small hand-computed examples, what each
+mode selects on in both harnesses, the score cache, and DomainBed / train_coop.py runs
+(started together). The beta search itself: test_calip_search.py."""
 import json
 import math
 import os
 import subprocess
-import threading
 import types
 
 import pytest
 import torch
 
 from algorithms import calip as cp
-from algorithms import clip_backbone
-from algorithms.registry import get_method
+from algorithms import backbone, calip_search
+from algorithms.core.registry import get_method
+from common import env as harness_env
 from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, upstream_missing
 
 CLASSES = ["circle", "square", "star"]
@@ -22,7 +22,7 @@ E = math.e
 
 @pytest.fixture(autouse=True)
 def score_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(cp.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(harness_env.CACHE, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -102,7 +102,7 @@ def test_zero_betas_are_zero_shot_clip_exactly(model):
     assert torch.equal(calip.predict(x), zsclip.predict(x))
     calip.betas.copy_(torch.tensor([1.12, 0.02], dtype=torch.float64))
     with torch.no_grad():
-        pooled, spatial = clip_backbone.encode_image_tokens(calip.clip, x)
+        pooled, spatial = backbone.encode_image_tokens(calip.clip, x)
         norm = torch.nn.functional.normalize
         scores = cp.calip_scores(norm(pooled, dim=-1), norm(spatial, dim=-1),
                                  calip.class_embeddings, 2.0)
@@ -111,58 +111,17 @@ def test_zero_betas_are_zero_shot_clip_exactly(model):
 
 def test_resnet_spatial_tokens_come_from_the_attention_pool():
     torch.manual_seed(0)
-    model, _ = clip_backbone.load_clip("tiny-rn", None)
+    model, _ = backbone.load_clip("tiny-rn", None)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        pooled, spatial = clip_backbone.encode_image_tokens(model, x)
+        pooled, spatial = backbone.encode_image_tokens(model, x)
         visual = model.visual
         features = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(x)))))
-        every_query = clip_backbone.attention_pool_all_queries(visual.attnpool, features)
+        every_query = backbone.attention_pool_all_queries(visual.attnpool, features)
     assert torch.equal(pooled, model.encode_image(x))
     assert spatial.shape == (2, features.shape[2] * features.shape[3], model.visual.output_dim)
     torch.testing.assert_close(every_query[0], pooled)        # query 0 is CLIP's own output
     torch.testing.assert_close(every_query[1:].transpose(0, 1), spatial)
-
-
-# --- the beta search -------------------------------------------------------------------
-
-def test_beta_grid_is_the_references():
-    grid = cp.beta_grid(2.0)
-    assert len(grid) == 200 and grid[0] == 0.001
-    assert grid[-1].item() == pytest.approx(199 * (2.0 - 0.001) / 200 + 0.001)
-
-
-def test_grid_search_by_hand():
-    """Image 0 (label 0) is right iff 0.5 > 0.4 + b2; image 1 (label 1) iff 0.4 + b3 > 0.5."""
-    s0 = torch.tensor([[0.5, 0.4], [0.5, 0.4]])
-    s2 = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
-    s3 = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
-    grid = torch.tensor([0.05, 0.2], dtype=torch.float64)
-    result = cp.grid_search(s0, s2, s3, torch.tensor([0, 1]), grid, grid)
-    assert result.correct.tolist() == [[1, 2], [0, 1]]
-    assert result.best() == (0.05, 0.2, 1.0)
-
-
-def test_grid_search_equals_the_per_pair_loop():
-    torch.manual_seed(3)
-    n, c = 300, 12
-    labels = torch.randint(0, c, (n,))
-    s0 = 0.2 + 0.02 * torch.randn(n, c)
-    s0[torch.arange(n), labels] += 0.02
-    s2, s3 = 0.1 * torch.randn(n, c), 0.5 * torch.randn(n, c)
-    for s in (s0, s2, s3):
-        s[:, 5] = s[:, 3]  # a duplicated class: exact ties go to the lower index, as argmax
-    grids = cp.beta_grid(2.0, 25), cp.beta_grid(0.1, 25)
-    fast = cp.grid_search(s0, s2, s3, labels, *grids, max_elements=1 << 10)  # many chunks
-    slow = cp.grid_search_loop(s0.double(), s2.double(), s3.double(), labels, *grids)
-    assert torch.equal(fast.correct, slow.correct)
-    assert fast.best() == slow.best()
-
-
-def test_best_pair_is_the_first_in_the_references_order():
-    result = cp.GridSearchResult(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]),
-                                 torch.tensor([[1, 5], [5, 2]]), 10)
-    assert result.best() == (1.0, 4.0, 0.5)
 
 
 # --- what each mode selects on ------------------------------------------------------------
@@ -172,25 +131,25 @@ def _scores_best(method, batches):
     cat = lambda name: torch.cat([getattr(s, name) for s in scores])  # noqa: E731
     labels = torch.cat([y for _, y in batches])
     hp = method.hp
-    return cp.grid_search(cat("s0"), cat("s2"), cat("s3"), labels,
-                          cp.beta_grid(hp["beta2_max"], hp["beta_grid"], hp["beta_min"]),
-                          cp.beta_grid(hp["beta3_max"], hp["beta_grid"], hp["beta_min"])).best()
+    return calip_search.grid_search(cat("s0"), cat("s2"), cat("s3"), labels,
+                          calip_search.beta_grid(hp["beta2_max"], hp["beta_grid"], hp["beta_min"]),
+                          calip_search.beta_grid(hp["beta3_max"], hp["beta_grid"], hp["beta_min"])).best()
 
 
 def test_validation_and_oracle_modes_select_on_their_own_data():
     torch.manual_seed(4)
     batches = [(torch.randn(6, 3, 64, 64), torch.randint(0, 3, (6,))) for _ in range(2)]
     calip, oracle = make("CALIP"), make("CALIPOracle")
-    assert callable(calip.select_on_validation) and not hasattr(calip, "select_on_test")
-    assert oracle.select_on_validation is None and callable(oracle.select_on_test)
+    assert (calip.selects_on, calip.oracle) == ("validation", False)
+    assert (oracle.selects_on, oracle.oracle) == ("test", True)
     assert calip.betas.tolist() == [1.12, 0.02]  # before any selection: the hparams
     with torch.no_grad():
         expected = _scores_best(calip, batches)
-    summary = calip.select_on_validation(iter(batches))
+    summary = calip.select(iter(batches))
     assert (summary["beta2"], summary["beta3"], summary["select_acc"]) == expected
     assert calip.betas.tolist() == [expected[0], expected[1]]
     assert summary["select_images"] == 12
-    assert oracle.select_on_test(iter(batches))["beta2"] == expected[0]
+    assert oracle.select(iter(batches))["beta2"] == expected[0]
     assert set(calip.state_dict()) == {"betas"}  # the saved model: two floats
 
 
@@ -200,8 +159,8 @@ def test_domainbed_validation_is_training_out_splits_and_oracle_gets_test_envs(s
     import domainbed.datasets
     import domainbed.hparams_registry
     from domainbed.lib import misc
-    from algorithms import domainbed_plugin
-    domainbed_plugin.patch_loaded()
+    from domainbed_adapter import data, patches
+    patches.patch_loaded()
     hparams = dict(domainbed.hparams_registry.default_hparams("CALIP", "CLIPWorld"), **TINY)
     dataset = domainbed.datasets.CLIPWorld(small_world["domainbed_root"], [0], hparams)
     out_splits = []
@@ -210,11 +169,11 @@ def test_domainbed_validation_is_training_out_splits_and_oracle_gets_test_envs(s
         if i == 0:
             misc.split_dataset(in_, 0, misc.seed_hash(0, i))
         out_splits.append(out)
-    _, key = domainbed_plugin.held_out_data(hparams, "validation")
+    _, key = data.held_out_data(hparams, "validation")
     expected = [dataset[i].samples[k] for i in (1, 2, 3) for k in out_splits[i].keys]
     assert [tuple(s) for s in key["items"]] == [tuple(s) for s in expected]
     assert "CenterCrop" in key["transform"] and "RandomResizedCrop" not in key["transform"]
-    _, test_key = domainbed_plugin.held_out_data(hparams, "test")
+    _, test_key = data.held_out_data(hparams, "test")
     assert [tuple(s) for s in test_key["items"]] == [tuple(s) for s in dataset[0].samples]
 
     minibatch = [(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))]
@@ -280,7 +239,7 @@ def test_dassl_validation_avoids_a_val_split_that_is_the_test_split(tmp_path):
     TrainerBase.__init__(trainer)
     trainer.cfg, trainer.device, trainer.model = cfg, torch.device("cpu"), make("CALIP")
     trainer.val_loader = trainer.test_loader = _Loader("test", 9)
-    trainer.test_loader.dataset.transform = clip_backbone.clip_transform(64, train=False)
+    trainer.test_loader.dataset.transform = backbone.clip_transform(64, train=False)
     trainer.dm = types.SimpleNamespace(dataset=types.SimpleNamespace(train_x=train))
     trainer.VAL_FROM_TRAIN_PER_CLASS = 2
     summary = trainer.select_on_held_out()
@@ -299,12 +258,12 @@ def test_cache_reuse_gives_identical_numbers(score_cache):
     batches = [(torch.randn(8, 3, 64, 64), torch.randint(0, 3, (8,)))]
     key = {"dataset": "toy", "split": "val", "transform": "eval", "items": list(range(8))}
     first = make("CALIP")
-    summary = first.select_on_validation(batches, data_key=key)
+    summary = first.select(batches, data_key=key)
     files = list(score_cache.rglob("*.pt"))
     assert len(files) == 1 and files[0].name.startswith("toy_val_")
     scores = first.held_out_scores(_NoData(), key)
     again = make("CALIP")  # another job: same model, weights and data
-    assert again.select_on_validation(_NoData(), data_key=key) == summary
+    assert again.select(_NoData(), data_key=key) == summary
     for name, value in again.held_out_scores(_NoData(), key).items():
         assert torch.equal(value, scores[name]), name
     with torch.no_grad():
@@ -322,24 +281,6 @@ def test_cache_reuse_gives_identical_numbers(score_cache):
     with pytest.warns(UserWarning, match="unreadable cache file"):
         assert torch.equal(first.held_out_scores(batches, key)["s0"], scores["s0"])
     assert not list(score_cache.rglob("*.tmp"))
-
-
-def test_concurrent_cache_writes_never_expose_a_partial_file(tmp_path):
-    cache = cp.ScoreCache(tmp_path)
-    key = {"dataset": "toy", "split": "val", "data": {"dataset": "toy"}}
-    scores = {k: torch.randn(200, 50) for k in ("s0", "s2", "s3")}
-    scores["labels"] = torch.arange(200)
-    writers = [threading.Thread(target=lambda: [cache.save(key, scores) for _ in range(5)])
-               for _ in range(3)]
-    for w in writers:
-        w.start()
-    while any(w.is_alive() for w in writers):
-        loaded = cache.load(key)
-        assert loaded is None or torch.equal(loaded["s0"], scores["s0"])
-    for w in writers:
-        w.join()
-    assert torch.equal(cache.load(key)["s3"], scores["s3"])
-    assert not list(tmp_path.rglob("*.tmp"))
 
 
 # --- CALIPFS ---------------------------------------------------------------------------
@@ -368,7 +309,7 @@ DATASET_CFG = str(REPO / "third_party" / "CoOp" / "configs" / "datasets" / "oxfo
 
 
 def _coop(trainer, world, out, *extra):
-    cfg = str(REPO / "trainers" / "configs" / trainer / "tiny_vit.yaml")
+    cfg = str(REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml")
     return [PY, "train_coop.py", "--trainer", trainer, "--root", world["coop_root"],
             "--dataset-config-file", DATASET_CFG, "--config-file", cfg, "--seed", "1",
             "--output-dir", str(out), *extra]
@@ -385,7 +326,7 @@ def runs(small_world, tmp_path_factory):
     CALIPFS reloaded on new classes); independent runs go at the same time."""
     tmp = tmp_path_factory.mktemp("calip_runs")
     # one thread each: the runs share the machine's cores
-    env = dict(os.environ, **{cp.CACHE_ENV: str(tmp / "cache"), "OMP_NUM_THREADS": "1"})
+    env = dict(os.environ, **{harness_env.CACHE: str(tmp / "cache"), "OMP_NUM_THREADS": "1"})
     start = lambda cmd, cwd=REPO: subprocess.Popen(  # noqa: E731
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs, results = {}, {"dir": tmp}
@@ -401,7 +342,7 @@ def runs(small_world, tmp_path_factory):
         procs["calip"] = start(_coop("CALIP", small_world, tmp / "calip" / "base",
                                      "DATASET.SUBSAMPLE_CLASSES", "base"))
         procs["calipfs_base"] = start(_coop("CALIPFS", small_world, tmp / "calipfs" / "base",
-                                            "DATASET.NUM_SHOTS", "2",
+                                            "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "2",
                                             "DATASET.SUBSAMPLE_CLASSES", "base"))
         results["calipfs_base"] = _finish(procs.pop("calipfs_base"))
         if results["calipfs_base"].returncode == 0:

@@ -1,6 +1,6 @@
 import pytest
 
-from algorithms.classnames import classnames_from_folders, humanize
+from algorithms.core.classnames import classnames_from_folders, humanize
 
 
 @pytest.mark.parametrize("folder,name", [

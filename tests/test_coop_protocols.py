@@ -16,7 +16,7 @@ from sweeps import coop_protocols as cp
 from tests.conftest import PY, REPO, THIRD_PARTY, needs_coop, run
 
 COOP = THIRD_PARTY / "CoOp"
-ZSCLIP_TINY = str(REPO / "trainers" / "configs" / "ZSCLIP" / "tiny_vit.yaml")
+TINY_BACKBONE = str(REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml")
 COOP_TINY = str(REPO / "trainers" / "configs" / "CoOp" / "tiny_vit.yaml")
 
 
@@ -56,7 +56,7 @@ def test_dataset_table_matches_coop_configs():
         config = dataset.config_file
         assert yaml.safe_load(config.read_text())["DATASET"]["NAME"] == dataset.name, key
         harness = config.is_relative_to(REPO / "trainers")
-        source = (REPO / "trainers" / f"{key}_dataset.py" if harness
+        source = (REPO / "clipworld" / "dassl_dataset.py" if harness
                   else COOP / "datasets" / f"{key}.py").read_text()
         assert f'dataset_dir = "{dataset.folder}"' in source, key
     assert len(cp.TARGETS["base2new"]) == 11 and len(cp.TARGETS["cross_dataset"]) == 10
@@ -64,7 +64,7 @@ def test_dataset_table_matches_coop_configs():
 
 
 def test_every_trainer_has_settings_and_its_configs_exist():
-    from algorithms import registry
+    from algorithms.core import registry
     for trainer in [*registry.methods(), *cp.COOP_TRAINERS]:
         settings = cp.load_settings(trainer)
         for path in {settings.config, *settings.config_by_dataset.values()}:
@@ -72,6 +72,10 @@ def test_every_trainer_has_settings_and_its_configs_exist():
                 continue
             assert path.is_file(), (trainer, path)
     assert not cp.load_settings("ZSCLIP").train and cp.load_settings("CoOp").train
+    assert cp.load_settings("CALIPFS").train and not cp.load_settings("CALIPOracle").train
+    assert cp.load_settings("AlignCLIP").config.name == "vit_b16.yaml"
+    with pytest.raises(ValueError, match="not a harness trainer"):
+        cp.load_settings("NoSuchTrainer")
     assert cp.load_settings("CoOp").config_for("imagenet").name == "vit_b16_ep50_ctxv1.yaml"
     assert cp.load_settings("CoCoOp").config.name == "vit_b16_c4_ep10_batch1_ctxv1.yaml"
 
@@ -151,7 +155,7 @@ print(json.dumps(out))
 @needs_coop
 def test_base2new_two_trainers_table_and_rerun(small_world, openai_clip_dir, tmp_path):
     out = tmp_path / "output"
-    argv = ["base2new", "--trainer", "ZSCLIP", "CoOp", "--config-file", ZSCLIP_TINY, COOP_TINY,
+    argv = ["base2new", "--trainer", "ZSCLIP", "CoOp", "--config-file", TINY_BACKBONE, COOP_TINY,
             "--root", small_world["coop_root"], "--output", out, "--datasets", "oxford_pets",
             "caltech101", "--seeds", "1", "--openai-clip-dir", openai_clip_dir, "--no-figures"]
     first = protocol(*argv)
@@ -238,7 +242,7 @@ def test_cross_dataset_trains_on_imagenet_and_evaluates_targets(small_world, ope
 
 @needs_coop
 def test_nothing_to_run_is_an_error_and_missing_weights_are_named(small_world, tmp_path):
-    result = protocol("domain_generalization", "--trainer", "ZSCLIP", "--config-file", ZSCLIP_TINY,
+    result = protocol("domain_generalization", "--trainer", "ZSCLIP", "--config-file", TINY_BACKBONE,
                       "--root", small_world["coop_root"], "--output", tmp_path / "out")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -56,7 +56,7 @@ def test_pth_hook_line_runs_only_while_the_clone_exists(tmp_path, monkeypatch):
         installer.write_pth(domainbed=True)
         line = (site / installer.PTH_NAME).read_text().splitlines()[-1]
         assert line.startswith("import ")  # site.py executes such lines
-        probe = f"exec({line!r}); import sys; print('algorithms.domainbed_hook' in sys.modules)"
+        probe = f"exec({line!r}); import sys; print('domainbed_adapter.hook' in sys.modules)"
         result = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True,
                                 text=True, cwd=REPO)
         assert result.returncode == 0 and result.stderr == "", result.stderr

@@ -7,7 +7,7 @@ from tests.conftest import PY, REPO, needs_coop, run
 
 pytestmark = needs_coop
 DATASET_CFG = str(REPO / "third_party" / "CoOp" / "configs" / "datasets" / "oxford_pets.yaml")
-TRAINER_CFG = str(REPO / "trainers" / "configs" / "ZSCLIP" / "tiny_vit.yaml")
+TRAINER_CFG = str(REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml")
 
 
 def train_coop(world, out, *extra):
@@ -53,7 +53,7 @@ def test_unknown_trainer_is_one_line_error(small_world, tmp_path):
 
 
 def test_alignclip_trains_on_base_and_evaluates_on_new(small_world, tmp_path):
-    cfg = str(REPO / "trainers" / "configs" / "AlignCLIP" / "tiny_vit.yaml")
+    cfg = TRAINER_CFG
     common = ["--trainer", "AlignCLIP", "--root", small_world["coop_root"],
               "--dataset-config-file", DATASET_CFG, "--config-file", cfg, "--seed", "1"]
     base = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "base"),

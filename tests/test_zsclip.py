@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from algorithms.registry import get_method
+from algorithms.core.registry import get_method
 from tests.conftest import TINY
 
 

@@ -109,7 +109,7 @@ def write_pth(domainbed: bool):
         # a clone that has been deleted since: skip the hook instead of a traceback at
         # every interpreter start
         lines += [str(HERE / "DomainBed"), f"import os; os.path.isdir({str(REPO)!r}) and "
-                  "__import__('algorithms.domainbed_hook')"]
+                  "__import__('domainbed_adapter.hook')"]
     content = "\n".join(lines) + "\n"
     target = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
     if not target.exists() or target.read_text() != content:

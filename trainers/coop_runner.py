@@ -19,10 +19,11 @@ import runpy
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-COOP_DIR = Path(os.environ.get("CLIPBENCH_COOP_DIR", REPO / "third_party" / "CoOp"))
+from common import env
+
+COOP_DIR = env.coop_dir()
 CLASHING_PACKAGES = ("trainers", "datasets", "clip")
-OPENAI_CLIP_DIR_ENV = "CLIPBENCH_OPENAI_CLIP_DIR"
+OPENAI_CLIP_DIR_ENV = env.OPENAI_CLIP_DIR
 
 
 class SetupError(RuntimeError):
@@ -43,8 +44,8 @@ def prepare() -> Path:
 
     from trainers import dassl_adapter
     dassl_adapter.register_trainers()
-    from trainers import clip_world_dataset
-    clip_world_dataset.register()
+    from clipworld import dassl_dataset
+    dassl_dataset.register()
     write_results_for_every_trainer(dassl_adapter.CLIPMethodTrainer)
     fix_warmup_schedulers()
     upstream_defaults = dassl.config.get_cfg_default
@@ -160,10 +161,10 @@ def main(argv) -> int:
         runpy.run_path(str(train_py), run_name="__main__")
     except (FileNotFoundError, KeyError, ValueError, AssertionError, OSError,
             pickle.UnpicklingError) as e:
-        if os.environ.get("CLIPBENCH_TRACEBACK"):
+        if env.flag(env.TRACEBACK):
             raise
         where = f"{type(e).__name__}: {e}".splitlines()[0]
-        print(f"train_coop.py: error: {where} (CLIPBENCH_TRACEBACK=1 shows the traceback)",
+        print(f"train_coop.py: error: {where} ({env.TRACEBACK}=1 shows the traceback)",
               file=sys.stderr)
         return 1
     return 0

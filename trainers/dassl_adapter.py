@@ -1,7 +1,14 @@
 """Dassl adapter: one TrainerX per harness method, registered under the method's name.
 
-Config: each method's hyperparameters appear as cfg.TRAINER.<NAME>.<KEY> (upper-case
-keys, declared defaults), so YAML files and command-line opts can set them.
+Config, merged in this order (yacs; printed at start by Dassl):
+1. Dassl's and CoOp's defaults, plus the harness's nodes: `CLIP.MODEL` / `CLIP.PRETRAINED`
+   (the backbone every harness trainer uses) and `TRAINER.<NAME>` for every method, one
+   upper-case key per declared hyperparameter with its declared default;
+2. `trainers/configs/methods/<Name>.yaml`, only for a method whose Dassl defaults differ
+   from its declared ones (e.g. CLIPood's BMA beta for CoOp tasks);
+3. `--dataset-config-file`, `--config-file` (a backbone: trainers/configs/backbones/), opts.
+`TRAINER.<NAME>.CLIP_MODEL` / `CLIP_PRETRAINED` are empty (null) unless set: then the
+method uses `CLIP.MODEL` / `CLIP.PRETRAINED`.
 Outputs: besides the `* accuracy: X%` lines CoOp's parse_test_res.py reads, every
 test writes `<OUTPUT_DIR>/results.json`.
 """
@@ -13,36 +20,69 @@ import random
 import sys
 
 import torch
+import yaml
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from yacs.config import CfgNode as CN
 
-from algorithms import clip_backbone, registry
-from results.records import write_json_atomic
+from algorithms import backbone
+from algorithms.core import registry, selection
+from common.files import write_json_atomic
+from common.paths import TRAINER_CONFIGS
 
 COOP_TEMPLATES = "coop"  # Dassl default: CoOp's per-dataset template (trainers/zsclip.py)
 FROM_DASSL = ("batch_size", "total_steps")  # set by Dassl's own config, not TRAINER.<NAME>
+FROM_BACKBONE = {"clip_model": "MODEL", "clip_pretrained": "PRETRAINED"}  # cfg.CLIP.<KEY>
+METHOD_CONFIGS = TRAINER_CONFIGS / "methods"
 
 
 def add_method_configs(cfg) -> None:
-    """Declare cfg.TRAINER.<NAME> for every harness method (before any YAML merge)."""
+    """Declare cfg.CLIP and cfg.TRAINER.<NAME> for every harness method (before any
+    YAML merge), with the method's own Dassl defaults where it has a file for them."""
+    cfg.CLIP = CN({"MODEL": backbone.DEFAULT_MODEL, "PRETRAINED": backbone.DEFAULT_PRETRAINED})
     for name, method_cls in registry.methods().items():
         node = CN()
         for key, hp in method_cls.hparams().items():
-            if key not in FROM_DASSL:
+            if key in FROM_BACKBONE:
+                node[key.upper()] = None
+            elif key not in FROM_DASSL:
                 node[key.upper()] = hp.default
         if "TEMPLATES" in node:
             node.TEMPLATES = COOP_TEMPLATES
         cfg.TRAINER[name.upper()] = node
+        own = METHOD_CONFIGS / f"{name}.yaml"
+        if own.is_file():
+            merge_method_defaults(cfg, name, own)
+
+
+def merge_method_defaults(cfg, name: str, path) -> None:
+    with open(path) as f:
+        content = yaml.safe_load(f) or {}
+    allowed = {"TRAINER": {name.upper()}}
+    if set(content) - set(allowed) or set(content.get("TRAINER", {})) - allowed["TRAINER"]:
+        raise ValueError(f"{path}: a method's file may only set TRAINER.{name.upper()}.*")
+    cfg.TRAINER[name.upper()].merge_from_other_cfg(CN(content["TRAINER"][name.upper()]))
 
 
 def method_hparams(cfg, method_cls, total_steps: int = 1) -> dict:
     node = cfg.TRAINER[method_cls.name.upper()]
     derived = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "total_steps": total_steps}
-    hparams = {key: derived[key] if key in FROM_DASSL else node[key.upper()]
-               for key in method_cls.hparams()}
+    hparams = {}
+    for key in method_cls.hparams():
+        if key in FROM_DASSL:
+            hparams[key] = derived[key]
+        elif key in FROM_BACKBONE and node[key.upper()] is None:
+            hparams[key] = cfg.CLIP[FROM_BACKBONE[key]]
+        else:
+            hparams[key] = node[key.upper()]
     if hparams.get("templates") == COOP_TEMPLATES:
         hparams["templates"] = coop_template(cfg.DATASET.NAME)
     return hparams
+
+
+def prompt_classnames(classnames) -> list:
+    """Class names as CoOp's trainers put them into prompts: underscores become spaces
+    (CoOp's datasets keep e.g. 'american_bulldog'; trainers/zsclip.py, coop.py replace)."""
+    return [name.replace("_", " ") for name in classnames]
 
 
 def coop_template(dataset_name: str) -> str:
@@ -89,19 +129,20 @@ class CLIPMethodTrainer(TrainerX):
     method_cls = None
 
     def check_cfg(self, cfg):
-        name = self.method_cls.name
-        size = clip_backbone.image_size_of(cfg.TRAINER[name.upper()].CLIP_MODEL)
+        model = method_hparams(cfg, self.method_cls)["clip_model"]
+        size = backbone.image_size_of(model)
         if tuple(cfg.INPUT.SIZE) != (size, size):
             raise ValueError(f"INPUT.SIZE {tuple(cfg.INPUT.SIZE)} does not match "
-                             f"{cfg.TRAINER[name.upper()].CLIP_MODEL}'s image size {size}")
+                             f"{model}'s image size {size}")
 
     def build_model(self):
         total_steps = max(1, self.max_epoch * len(self.train_loader_x))
         hparams = method_hparams(self.cfg, self.method_cls, total_steps)
         print(f"Building {self.method_cls.name} with {hparams}")
-        self.model = self.method_cls(self.dm.dataset.classnames, hparams, device=self.device)
+        self.model = self.method_cls(prompt_classnames(self.dm.dataset.classnames), hparams,
+                                     device=self.device)
         self.model.to(self.device)
-        if self.model.has_trainable_parameters():
+        if self.method_cls.trains:
             # the method steps its own optimizer and per-step schedule
             self.register_model("model", self.model, self.model.optimizer, None)
         else:
@@ -148,38 +189,30 @@ class CLIPMethodTrainer(TrainerX):
 
     @torch.no_grad()
     def test(self, split=None):
-        selection = self.select_on_held_out()
+        selected = self.select_on_held_out()
         return test_and_write_record(self, lambda: super(CLIPMethodTrainer, self).test(split),
-                                     split, selection)
+                                     split, selected)
 
-    # A method may define select_on_validation(batches, data_key) and/or
-    # select_on_test(batches, data_key) (e.g. CALIP's beta search): each hook it has is
-    # called before every test with Dassl's val or test loader; what it returns goes
-    # into results.json as "selection". Where a dataset's val split is its test split
-    # (CoOp's ImageNet), validation uses up to VAL_FROM_TRAIN_PER_CLASS training images
-    # per class instead, read with the test transform.
-    SELECTION_HOOKS = (("select_on_validation", "val"), ("select_on_test", "test"))
+    # Selection (algorithms/core/selection.py): before every test, a method that declares
+    # `selects_on` selects on Dassl's val loader ("validation") or test loader ("test");
+    # what it returns goes into results.json as "selection". Where a dataset's val split
+    # is its test split (CoOp's ImageNet), validation uses up to VAL_FROM_TRAIN_PER_CLASS
+    # training images per class instead, read with the test transform.
+    SPLIT_OF = {selection.VALIDATION: "val", selection.TEST: "test"}
     VAL_FROM_TRAIN_PER_CLASS = 16
 
     def select_on_held_out(self) -> dict:
-        summary = {}
-        for hook_name, split in self.SELECTION_HOOKS:
-            hook = getattr(self.model, hook_name, None)
-            if not callable(hook):
-                continue
-            loader, split = self.held_out_loader(split)
+        def provide(which):
+            loader, split = self.held_out_loader(self.SPLIT_OF[which])
             if loader is None:
-                print(f"{self.method_cls.name}: the dataset has no {split} split: "
-                      f"{hook_name} skipped")
-                continue
+                return None
             data = loader.dataset
             key = {"harness": "dassl", "dataset": self.cfg.DATASET.NAME, "split": split,
                    "transform": repr(data.transform),
                    "items": [(item.impath, item.label) for item in data.data_source]}
-            batches = (self.parse_batch_test(batch) for batch in loader)
-            summary.update(hook(batches, data_key=key) or {})
-            summary["split"] = split
-        return summary
+            return (self.parse_batch_test(batch) for batch in loader), key, split
+
+        return selection.run(self.model, provide)
 
     def held_out_loader(self, split):
         if split == "test" or self.val_loader is None:

@@ -1,0 +1,68 @@
+"""Atomic writes (a temporary file in the same folder, then rename: a crash leaves the
+old file or the new one, never half of one) and tolerant record readers."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on
+    error removed. For writers that want a file name (torch.save, savefig, h5py)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp_path), then rename the result to `path`."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_text_atomic(path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path, obj) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def read_jsonl(path) -> list:
+    """Records of a JSON-lines file; a truncated or corrupt line is skipped with a warning
+    naming file and line."""
+    records = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}:{line_no}: skipping a truncated or corrupt record")
+    return records
+
+
+def read_json(path):
+    """One JSON record, or None (with a warning naming the file) when it is corrupt."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        warnings.warn(f"{path}: skipping a corrupt record ({e})")
+        return None

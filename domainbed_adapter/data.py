@@ -1,0 +1,139 @@
+"""DomainBed's image-folder datasets for the harness's algorithms, and the held-out data
+of the selection protocol.
+
+For the harness's algorithms (their hparams carry `clip_model`): CLIP preprocessing,
+class names from the class folders, input shape from the model. For every algorithm:
+a missing dataset folder and an unreadable image name the path, CLIPBENCH_NUM_WORKERS
+sets the loader workers, and a training split smaller than the batch is an error
+(upstream's loader would spin forever).
+
+Held-out data: train.py splits each environment with misc.split_dataset before it
+builds the algorithm, and passes the dataset's hparams dict to the algorithm. The
+wrapped split_dataset remembers every split, the wrapped dataset which dataset and test
+environments belong to which hparams dict. "validation" = the training environments'
+out-splits (what DomainBed's training-domain validation selects on); "test" = every
+image (in, out and uda splits) of the test environments. Both are read with the eval
+transform (DomainBed itself evaluates training-env out-splits with augmentation).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from algorithms import backbone
+from algorithms.core import selection
+from algorithms.core.classnames import classnames_from_folders
+from common import env
+
+HELD_OUT_BATCH_SIZE = 64
+_DATASETS = {}    # id(hparams) -> (hparams, dataset, test_envs)
+_OUT_SPLITS = {}  # id(split dataset) -> (that dataset, its out-split)
+
+
+def _checked_loader(loader):
+    def load(path):
+        try:
+            return loader(path)
+        except (OSError, ValueError) as e:
+            raise OSError(f"cannot read image {path}: {e}") from None
+    return load
+
+
+def patch_image_folder(module):
+    image_folder = module.MultipleEnvironmentImageFolder
+    upstream_init = image_folder.__init__
+
+    def __init__(self, root, test_envs, augment, hparams):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"DomainBed dataset folder not found: {root}")
+        upstream_init(self, root, test_envs, augment, hparams)
+        workers = env.num_workers()
+        if workers is not None:
+            self.N_WORKERS = workers
+        for environment in self.datasets:
+            environment.loader = _checked_loader(environment.loader)
+        if "clip_model" not in hparams:  # not a harness algorithm: upstream behaviour
+            return
+        hparams["class_names"] = classnames_from_folders(
+            [environment.classes for environment in self.datasets], where=root)
+        size = backbone.image_size_of(hparams["clip_model"])
+        for i, environment in enumerate(self.datasets):
+            environment.transform = backbone.clip_transform(
+                size, train=augment and i not in test_envs)
+        self.input_shape = (3, size, size)
+        _DATASETS[id(hparams)] = (hparams, self, tuple(test_envs))
+
+    image_folder.__init__ = __init__
+
+
+def remember_splits(misc):
+    upstream = misc.split_dataset
+
+    def split_dataset(dataset, n, seed=0):
+        out, in_ = upstream(dataset, n, seed)
+        _OUT_SPLITS[id(dataset)] = (dataset, out)
+        return out, in_
+
+    misc.split_dataset = split_dataset
+
+
+def refuse_small_splits(module):
+    upstream_init = module.InfiniteDataLoader.__init__
+
+    def __init__(self, dataset, weights, batch_size, num_workers):
+        if weights is None and len(dataset) < batch_size:
+            raise ValueError(f"a training split holds {len(dataset)} images, fewer than "
+                             f"batch_size={batch_size}: DomainBed's loader would spin forever")
+        upstream_init(self, dataset, weights, batch_size, num_workers)
+
+    module.InfiniteDataLoader.__init__ = __init__
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    """Chosen images of an image-folder environment, with a fixed transform."""
+
+    def __init__(self, environment, indices, transform):
+        self.samples = [environment.samples[i] for i in indices]
+        self.loader, self.transform = environment.loader, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        return self.transform(self.loader(path)), label
+
+
+def held_out_data(hparams, which):
+    """(loader, data_key) of the `which` data (selection.VALIDATION or TEST) of the run
+    that owns this hparams dict, or None when this process built no splits for it
+    (the algorithm was not built by train.py)."""
+    entry = _DATASETS.get(id(hparams))
+    if entry is None or entry[0] is not hparams:
+        return None
+    _, dataset, test_envs = entry
+    environments = list(dataset.datasets)
+    if which == selection.VALIDATION:
+        parts = []
+        for i, environment in enumerate(environments):
+            if i not in test_envs:
+                recorded = _OUT_SPLITS.get(id(environment))
+                if recorded is None:
+                    return None
+                parts.append((environment, recorded[1].keys))
+    else:
+        parts = [(environments[i], range(len(environments[i]))) for i in test_envs]
+    if not parts:
+        return None
+    transform = backbone.clip_transform(backbone.image_size_of(hparams["clip_model"]),
+                                        train=False)
+    views = [_EvalImages(environment, indices, transform) for environment, indices in parts]
+    loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(views),
+                                         batch_size=HELD_OUT_BATCH_SIZE, shuffle=False,
+                                         num_workers=dataset.N_WORKERS)
+    key = {"harness": "domainbed", "dataset": type(dataset).__name__,
+           "split": "out" if which == selection.VALIDATION else "test_envs",
+           "envs": [environment.root for environment, _ in parts], "transform": repr(transform),
+           "items": [sample for view in views for sample in view.samples]}
+    return loader, key
