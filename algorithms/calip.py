@@ -297,7 +297,7 @@ class CALIPFS(_CALIPBase):
         return self.logit_scale * scores.combine(float(self.hp["beta2"]), float(self.hp["beta3"]))
 
     def update(self, images, labels):
-        loss = F.cross_entropy(self.forward_logits(images), labels)
+        loss = F.cross_entropy(self.forward_logits(images)[:, :self.train_classes], labels)
         return {"loss": self.step(loss)}
 
     def predict(self, images):

@@ -13,11 +13,12 @@ from typing import Callable, Iterator
 
 @contextlib.contextmanager
 def atomic_path(path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed to `path`, on
-    error removed. For writers that want a file name (torch.save, savefig, h5py)."""
+    """Yield a temporary path beside `path` (hidden, same suffix); on success it is renamed
+    to `path`, on error removed. For writers that want a file name (torch.save, savefig, h5py)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the temporary keeps the suffix, for writers that choose a format by it (savefig)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         yield Path(tmp)

@@ -17,8 +17,11 @@ transform (DomainBed itself evaluates training-env out-splits with augmentation)
 """
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 
+import numpy as np
 import torch
 
 from algorithms import backbone
@@ -29,6 +32,8 @@ from common import env
 HELD_OUT_BATCH_SIZE = 64
 _DATASETS = {}    # id(hparams) -> (hparams, dataset, test_envs)
 _OUT_SPLITS = {}  # id(split dataset) -> (that dataset, its out-split)
+_OPEN_TEST_ENVS = {}  # id(test env of an open-world variant) -> (env, base class count)
+_OPEN_REST = {}       # id(its in-split: base rest + open) -> (in-split, base class count)
 
 
 def _checked_loader(loader):
@@ -71,11 +76,55 @@ def remember_splits(misc):
     upstream = misc.split_dataset
 
     def split_dataset(dataset, n, seed=0):
-        out, in_ = upstream(dataset, n, seed)
+        if id(dataset) in _OPEN_TEST_ENVS:
+            out, in_ = _split_open_test_env(misc, dataset, n, seed)
+        elif id(dataset) in _OPEN_REST:
+            return _split_open_classes(misc, dataset)
+        else:
+            out, in_ = upstream(dataset, n, seed)
         _OUT_SPLITS[id(dataset)] = (dataset, out)
         return out, in_
 
     misc.split_dataset = split_dataset
+
+
+# --- open-world test environments (domainbed_adapter/open_world.py) ------------------
+# train.py splits a test environment twice: (out, in) = split(env, holdout), then
+# (uda, in) = split(in, uda_holdout). For an open-world variant's test environment the
+# first split holds out the same fraction of its base-class images only (the oracle's
+# test-domain validation set), and the second puts every open-class image into `uda`:
+# `env<t>_in_acc` is then the test domain's base-class accuracy, `env<k>_uda_acc` (k-th
+# test environment) its open-class accuracy, both classified among all classes. DomainBed's
+# model selection never reads uda keys.
+
+def mark_open_test_env(environment, base_classes: int) -> None:
+    _OPEN_TEST_ENVS[id(environment)] = (environment, base_classes)
+
+
+def _label(dataset, index) -> int:
+    if hasattr(dataset, "samples"):
+        return int(dataset.samples[index][1])
+    return _label(dataset.underlying_dataset, dataset.keys[index])
+
+
+def _split_open_test_env(misc, environment, n, seed):
+    _, base_classes = _OPEN_TEST_ENVS[id(environment)]
+    base = [i for i in range(len(environment)) if _label(environment, i) < base_classes]
+    opened = [i for i in range(len(environment)) if _label(environment, i) >= base_classes]
+    np.random.RandomState(seed).shuffle(base)
+    n_base = int(len(base) * n / max(1, len(environment)))  # the same holdout fraction
+    out = misc._SplitDataset(environment, base[:n_base])
+    in_ = misc._SplitDataset(environment, base[n_base:] + opened)
+    _OPEN_REST[id(in_)] = (in_, base_classes)
+    return out, in_
+
+
+def _split_open_classes(misc, in_split):
+    _, base_classes = _OPEN_REST[id(in_split)]
+    labels = [_label(in_split, i) for i in range(len(in_split))]
+    uda = misc._SplitDataset(in_split, [i for i, y in enumerate(labels) if y >= base_classes])
+    rest = misc._SplitDataset(in_split, [i for i, y in enumerate(labels) if y < base_classes])
+    return uda, rest
 
 
 def refuse_small_splits(module):
@@ -137,3 +186,18 @@ def held_out_data(hparams, which):
            "envs": [environment.root for environment, _ in parts], "transform": repr(transform),
            "items": [sample for view in views for sample in view.samples]}
     return loader, key
+
+
+def job_steps(hparams):
+    """The number of update steps of the DomainBed job that owns `hparams` (train.py's
+    --steps, else the dataset's N_STEPS), or None outside train.py."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) != "domainbed.scripts.train":
+        return None
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--steps", type=int, default=None)
+    steps = parser.parse_known_args(sys.argv[1:])[0].steps
+    entry = _DATASETS.get(id(hparams))
+    if steps is None and entry is not None:
+        steps = getattr(entry[1], "N_STEPS", None)
+    return steps

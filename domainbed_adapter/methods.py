@@ -25,6 +25,12 @@ class _DomainBedAdapter:
         if len(classnames) != num_classes:
             raise ValueError(f"{self.method_cls.name}: {len(classnames)} class names "
                              f"for {num_classes} classes")
+        steps = data.job_steps(hparams)
+        if self.method_cls.trains and steps and hparams.get("total_steps") != steps:
+            # the schedule and moving average follow the job's length
+            print(f"{self.method_cls.name}: total_steps {hparams.get('total_steps')} -> {steps} "
+                  f"(the job's --steps)")
+            hparams["total_steps"] = steps
         self.method = self.method_cls(classnames, hparams)
         self._selected = False
 

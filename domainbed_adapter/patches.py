@@ -33,6 +33,11 @@ def _register_datasets(module):
     domainbed_dataset.register(module)
 
 
+def _register_open_world(module):
+    from domainbed_adapter import open_world
+    open_world.register(module)
+
+
 def _remember_splits(module):
     from domainbed_adapter import data
     data.remember_splits(module)
@@ -62,7 +67,7 @@ PATCHES = {
     "domainbed.command_launchers": (_register_launchers,),
     "domainbed.algorithms": (_register_algorithms,),
     "domainbed.hparams_registry": (_declare_hparams,),
-    "domainbed.datasets": (_clip_image_folders, _register_datasets),
+    "domainbed.datasets": (_clip_image_folders, _register_datasets, _register_open_world),
     "domainbed.lib.misc": (_remember_splits,),
     "domainbed.lib.fast_data_loader": (_refuse_small_splits,),
     "domainbed.lib.reporting": (_tolerate_truncated_records,),

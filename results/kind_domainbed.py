@@ -144,7 +144,8 @@ def upstream_environments() -> dict[str, list[str]]:
 
 
 def env_names(dataset: str, n_envs: int) -> list[str]:
-    names = upstream_environments().get(dataset)
+    known = upstream_environments()
+    names = known.get(dataset) or known.get(dataset.removesuffix(OPEN_SUFFIX))
     return names if names and len(names) == n_envs else [f"env{i}" for i in range(n_envs)]
 
 
@@ -164,6 +165,90 @@ def selected_accs(records, method, reporting, Q) -> dict:
 
 
 # --- tables -------------------------------------------------------------------------
+
+# --- domain + class shift (open-world variants, domainbed_adapter/open_world.py) --------
+OPEN_SUFFIX = "Open"
+OPEN_SELECTIONS = ("iid", "oracle")  # leave-one-out reads test-env in-accuracies as validation
+
+
+def with_open_accuracy(record) -> dict:
+    """The record with each test environment's in-accuracy replaced by its open-class
+    accuracy (`env<k>_uda_acc` of the k-th test environment), so that upstream's
+    selection picks the same checkpoint (validation keys are untouched) and reports the
+    open score; None when the record has no open score."""
+    test_envs = sorted(record["args"]["test_envs"])
+    keys = [f"env{k}_uda_acc" for k in range(len(test_envs))]
+    if not all(key in record for key in keys):
+        return None
+    return {**record, **{f"env{t}_in_acc": record[key] for t, key in zip(test_envs, keys)}}
+
+
+def with_in_domain_accuracy(record) -> dict:
+    """The record with the test environment's in-accuracy replaced by the mean accuracy on
+    the training domains' held-out images (what training-domain validation selects on):
+    upstream's selection then reports the in-domain accuracy of the checkpoint it picks."""
+    test_envs = set(record["args"]["test_envs"])
+    held_out = [v for k, v in record.items() if k.startswith("env") and k.endswith("_out_acc")
+                and int(k[3:-8]) not in test_envs]
+    if not held_out:
+        return None
+    return {**record, **{f"env{t}_in_acc": float(np.mean(held_out)) for t in test_envs}}
+
+
+def in_and_out_of_domain_table(tag, method, datasets, algorithms, in_accs, out_accs,
+                               n_envs) -> Table:
+    """Per dataset: accuracy on held-out images of the training domains (in-domain) beside
+    the test domains' (out-of-domain), each averaged over the held-out test domains."""
+    columns = [f"{d} {part}" for d in datasets for part in ("in-domain", "out-of-domain")]
+    table = Table(f"domainbed_{tag}_in_vs_out_of_domain",
+                  f"In-domain vs out-of-domain accuracy, model selection: {method.name}",
+                  columns, row_header="Algorithm")
+    for algorithm in algorithms:
+        cells = []
+        for dataset in datasets:
+            for accs in (in_accs, out_accs):
+                trials = trial_averages(accs.get((dataset, algorithm), {}), n_envs[dataset])
+                cells.append(Cell(*percent(*mean_se(trials)), n=len(trials)))
+        table.add(algorithm, cells, key=algorithm)
+    table.notes.append("in-domain: the training domains' held-out (out) images, as DomainBed "
+                       "evaluates them (with the training augmentation); out-of-domain: the "
+                       "test domain. Mean over test domains, ± standard error over trials.")
+    return table
+
+
+def hm(base, new):
+    return None if base is None or new is None or base + new == 0 else 2 * base * new / (base + new)
+
+
+def open_world_table(tag, method, dataset, algorithms, base_accs, open_accs, n_envs) -> Table:
+    """Per test domain base, open and their harmonic mean (of the trial means), and the
+    averages over domains."""
+    envs = env_names(dataset, n_envs)
+    columns = [f"{env} {part}" for env in envs for part in ("base", "open", "HM")]
+    table = Table(f"domainbed_{tag}_{dataset}_base_open",
+                  f"{dataset}, domain + class shift, model selection: {method.name}",
+                  [*columns, "Avg base", "Avg open", "Avg HM"], row_header="Algorithm",
+                  figure_column="Avg HM")
+    for algorithm in algorithms:
+        cells, means = [], {"base": [], "open": []}
+        for env in range(n_envs):
+            pair = {}
+            for part, accs in (("base", base_accs), ("open", open_accs)):
+                trials = list(accs.get((dataset, algorithm), {}).get(env, {}).values())
+                cell = Cell(*percent(*mean_se(trials)), n=len(trials))
+                pair[part] = cell
+                means[part].append(cell.mean)
+                cells.append(cell)
+            cells.append(Cell(hm(pair["base"].mean, pair["open"].mean)))
+        avg = {part: None if None in values else sum(values) / len(values)
+               for part, values in means.items()}
+        table.add(algorithm, [*cells, Cell(avg["base"]), Cell(avg["open"]),
+                              Cell(hm(avg["base"], avg["open"]))], key=algorithm)
+    table.notes.append("base: test-domain images of the training classes, open: of the "
+                       "classes never trained on, each classified among all classes; HM: "
+                       "harmonic mean of the two means.")
+    return table
+
 
 def percent(mean, err):
     return (None, None) if mean is None else (100 * mean, 100 * err)
@@ -252,7 +337,21 @@ class DomainBed(Kind):
                 reference.attach(table, reference.select(refs, dataset=dataset),
                                  lambda ref: ref.domain)
                 tables.append(table)
+                if dataset.endswith(OPEN_SUFFIX) and tag in OPEN_SELECTIONS:
+                    opened = [r for r in map(with_open_accuracy, records) if r is not None]
+                    open_accs = selected_accs(opened, method, reporting, Q)
+                    table = open_world_table(tag, method, dataset, algorithms, accs, open_accs,
+                                             n_envs[dataset])
+                    table.notes += common_notes(sweep, [dataset], tag, accs)
+                    reference.attach(table, reference.select(refs, dataset=dataset),
+                                     lambda ref: ref.domain)
+                    tables.append(table)
             algorithms = sorted({r["args"]["algorithm"] for r in sweep.records})
+            if tag == "iid":
+                in_domain = [r for r in map(with_in_domain_accuracy, sweep.records) if r]
+                in_accs = selected_accs(in_domain, method, reporting, Q)
+                tables.append(in_and_out_of_domain_table(tag, method, datasets, algorithms,
+                                                         in_accs, accs, n_envs))
             table = averages_table(tag, method, datasets, algorithms, accs, n_envs)
             table.notes += common_notes(sweep, [*datasets, "?"], tag, accs) + [
                 "A trial counts for a dataset only when all its test domains have a number."]

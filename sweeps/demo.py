@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithms", nargs="+", default=sorted(registry.methods()),
                         choices=sorted(registry.methods()))
-    parser.add_argument("--steps", type=int, default=20,
+    parser.add_argument("--steps", type=int, default=100,
                         help="DomainBed steps of each job that trains")
     args = parser.parse_args(argv)
     if not domainbed_available():

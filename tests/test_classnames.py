@@ -5,7 +5,8 @@ from algorithms.core.classnames import classnames_from_folders, humanize
 
 @pytest.mark.parametrize("folder,name", [
     ("Alarm_Clock", "alarm clock"), ("aircraft_carrier", "aircraft carrier"),
-    ("TV", "TV"), ("dog", "dog"), ("half_moon", "half moon"), ("Push-Pin", "push pin"),
+    ("TV", "TV"), ("dog", "dog"), ("half_moon", "half moon"), ("Push-Pin", "push-pin"),
+    ("t-shirt", "t-shirt"), ("teddy-bear", "teddy-bear"),
 ])
 def test_humanize(folder, name):
     assert humanize(folder) == name

@@ -133,7 +133,8 @@ def test_demo_groups_algorithms_by_their_hparams():
     by_name = {name: hp for names, hp, _ in groups for name in names}
     steps = {name: n for names, _, n in groups for name in names}
     assert steps["ZSCLIP"] == 1 and steps["CLIPood"] == 30
-    assert by_name["CLIPood"]["lr"] == 1e-4 and "lr" not in by_name["CLIPLP"]
+    assert by_name["CLIPood"]["lr"] == 3e-5 and "lr" not in by_name["CLIPLP"]
+    assert by_name["CLIPLP"]["lp_init"] == "zeroshot"
     assert by_name["AlignCLIP"]["aligned_layers"] == 2
     assert all(hp["clip_pretrained"] == "/ckpt.pt" and hp["templates"] == "photo"
                for hp in by_name.values())

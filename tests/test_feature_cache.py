@@ -41,4 +41,4 @@ def test_concurrent_cache_writes_never_expose_a_partial_file(tmp_path):
     for w in writers:
         w.join()
     assert torch.equal(cache.load(key)["s3"], scores["s3"])
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.tmp*"))

@@ -5,9 +5,10 @@
 --harness first installs the harness itself (`pip install -e .[test]`) unless this
 clone is already the installed one.
 
-Clones DomainBed, Dassl.pytorch and CoOp with plain `git clone https://github.com/...`
-(so `git config url.<mirror>.insteadOf` redirects work), checks out the pins, installs
-Dassl editable without its dev-tool pins, and writes one .pth file into site-packages
+Clones DomainBed, Dassl.pytorch, CoOp and Transfer-Learning-Library (tllib) with plain
+`git clone https://github.com/...` (so `git config url.<mirror>.insteadOf` redirects
+work), checks out the pins, installs Dassl and tllib editable without their dependency
+pins, and writes one .pth file into site-packages
 that puts DomainBed on sys.path and installs the harness's DomainBed import hook.
 Idempotent: what is already in place is left alone. Where an upstream cannot be
 cloned, one line says what is missing and what that disables; the rest still installs.
@@ -30,7 +31,10 @@ UPSTREAMS = {  # dir: (GitHub owner/name, pinned commit, what it enables)
     "Dassl.pytorch": ("KaiyangZhou/Dassl.pytorch", "c61a1b570ac6",
                       "Dassl/CoOp trainers (train_coop.py)"),
     "CoOp": ("KaiyangZhou/CoOp", "ff61507c7904", "CoOp datasets and trainers (train_coop.py)"),
+    "Transfer-Learning-Library": ("thuml/Transfer-Learning-Library", "c4aa59eb5656",
+                                  "domain-gap analysis (python -m results.domain_gap)"),
 }
+EDITABLE = {"Dassl.pytorch": "dassl", "Transfer-Learning-Library": "tllib"}  # dir: module
 
 
 def _git(*args, cwd=None):
@@ -71,18 +75,21 @@ def fetch(name: str) -> bool:
     return True
 
 
-def dassl_installed() -> bool:
-    out = subprocess.run([sys.executable, "-c", "import dassl, os; print(os.path.realpath(dassl.__file__))"],
-                         capture_output=True, text=True)
-    return out.returncode == 0 and str(HERE / "Dassl.pytorch") in out.stdout
+def editable_installed(name: str) -> bool:
+    module = EDITABLE[name]
+    probe = f"import importlib.util, os; print(os.path.realpath(importlib.util.find_spec({module!r}).origin))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return out.returncode == 0 and str(HERE / name) in out.stdout
 
 
-def install_dassl():
-    if dassl_installed():
+def install_editable(name: str):
+    """pip install -e without the upstream's dependency pins (dev tools, opencv, ...): the
+    runtime dependencies the harness uses come from its own setup.py."""
+    if editable_installed(name):
         return
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation",
-                    "--no-deps", "-e", str(HERE / "Dassl.pytorch")], check=True)
-    print("[install] Dassl installed (editable, no dependency pins)")
+                    "--no-deps", "-e", str(HERE / name)], check=True)
+    print(f"[install] {name} installed (editable, no dependency pins)")
 
 
 def harness_installed() -> bool:
@@ -125,8 +132,9 @@ def main():
     if parser.parse_args().harness:
         install_harness()
     ok = {name: fetch(name) for name in UPSTREAMS}
-    if ok["Dassl.pytorch"]:
-        install_dassl()
+    for name in EDITABLE:
+        if ok[name]:
+            install_editable(name)
     write_pth(domainbed=ok["DomainBed"])
 
 

@@ -7,8 +7,9 @@ from typing import Sequence
 
 def humanize(folder_name: str) -> str:
     """'Alarm_Clock' -> 'alarm clock', 'aircraft_carrier' -> 'aircraft carrier';
+    hyphens stay ('t-shirt', 'teddy-bear'), as the references' prompts keep them;
     all-caps words (acronyms such as 'TV') keep their case."""
-    words = [w for w in re.split(r"[_\-\s]+", folder_name.strip()) if w]
+    words = [w for w in re.split(r"[_\s]+", folder_name.strip()) if w]
     return " ".join(w if (w.isupper() and len(w) > 1) else w.lower() for w in words)
 
 

@@ -4,6 +4,7 @@ DomainBed adapter, the Dassl adapter and the demo need no list of methods.
     method = Method(classnames, hparams)    # hparams: plain dict, keys as declared
     method.update(images, labels) -> dict   # one optimisation step; {} if nothing trains
     method.predict(images) -> logits [B, C]
+    method.encode_image(images) -> [B, D]   # normalised features it predicts with
 
 Declared on the class (read without building the method):
 - `name`: the DomainBed algorithm, Dassl trainer and table name;
@@ -14,6 +15,10 @@ Declared on the class (read without building the method):
   (algorithms/core/selection.py); `oracle` is True when that is the test data;
 - `tiny_hparams`: what the embedded default changes for its tiny CLIP (a few dozen
   steps on 64 px images), on top of the declared defaults.
+
+Open-world protocols (domain + class shift) train on the first `train_classes` classes
+only (hparams["train_classes"], set by the dataset; default all): a method's training
+loss uses `train_class_embeddings`, its predictions every class.
 
 Frozen sub-modules (named in `frozen_modules`) stay in eval mode whatever `train()` is
 asked, and are left out of `state_dict()`: a checkpoint holds only what was trained,
@@ -71,6 +76,10 @@ class CLIPMethod(nn.Module):
             raise KeyError(f"{self.name}: missing hyperparameters {missing}")
         self.classnames = list(classnames)
         self.hp = dict(hparams)
+        self.train_classes = int(hparams.get("train_classes") or len(self.classnames))
+        if not 0 < self.train_classes <= len(self.classnames):
+            raise ValueError(f"{self.name}: train_classes={self.train_classes} for "
+                             f"{len(self.classnames)} classes")
         device = device or default_device()
         self.clip, self.tokenizer = backbone.load_clip(
             hparams["clip_model"], hparams["clip_pretrained"], device=device)
@@ -80,6 +89,11 @@ class CLIPMethod(nn.Module):
             persistent=False)
         self._register_state_dict_hook(_drop_frozen_keys)
         self._register_load_state_dict_pre_hook(_keep_frozen_weights, with_module=True)
+
+    @property
+    def train_class_embeddings(self) -> torch.Tensor:
+        """The text classifier of the classes training may see (all but open classes)."""
+        return self.class_embeddings[:self.train_classes]
 
     @property
     def logit_scale(self) -> torch.Tensor:

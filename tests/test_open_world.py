@@ -1,0 +1,119 @@
+"""Domain + class shift through DomainBed's own scripts (domainbed_adapter/open_world.py):
+the class split, base-only training data, the test domain scored on base and open
+classes, the collector's base/open/HM table; and methods that train on base classes."""
+import json
+
+import pytest
+import torch
+
+from algorithms.core.registry import get_method
+from tests.conftest import PY, TINY, needs_domainbed, run
+
+BASE = 5  # CLIPWorld's 10 classes, open_ratio 0.5
+
+
+def labels_of(split):
+    return sorted({int(split[i][1]) for i in range(len(split))})
+
+
+@needs_domainbed
+def test_splits_keep_open_classes_out_of_training_and_selection(small_world):
+    import domainbed.datasets
+    import domainbed.hparams_registry
+    from domainbed.lib import misc
+    from domainbed_adapter import patches
+    patches.patch_loaded()
+    assert "CLIPWorldOpen" in domainbed.datasets.DATASETS
+    assert "OfficeHomeOpen" in domainbed.datasets.DATASETS
+    hparams = dict(domainbed.hparams_registry.default_hparams("CLIPood", "CLIPWorldOpen"), **TINY)
+    dataset = domainbed.datasets.CLIPWorldOpen(small_world["domainbed_root"], [0], hparams)
+    assert hparams["train_classes"] == BASE and len(hparams["class_names"]) == 10
+    splits = {}
+    for i, env in enumerate(dataset):  # as train.py splits
+        out, in_ = misc.split_dataset(env, int(len(env) * 0.2), misc.seed_hash(0, i))
+        uda = []
+        if i == 0:
+            uda, in_ = misc.split_dataset(in_, 0, misc.seed_hash(0, i))
+        splits[i] = (out, in_, uda)
+    for i in (1, 2, 3):  # training domains: base classes only, in and out
+        out, in_, _ = splits[i]
+        assert labels_of(in_) == labels_of(out) == list(range(BASE))
+    out, in_, uda = splits[0]
+    assert labels_of(out) == labels_of(in_) == list(range(BASE))
+    assert labels_of(uda) == list(range(BASE, 10))
+    assert len(out) + len(in_) + len(uda) == len(dataset[0])  # every test image scored once
+    assert abs(len(out) - 0.2 * (len(out) + len(in_))) <= 1  # the holdout fraction of base
+
+
+@needs_domainbed
+def test_sweep_scores_base_and_open_and_the_collector_makes_the_hm_table(small_world, tmp_path):
+    from results import collect
+    out = tmp_path / "sweep"
+    hparams = {**TINY, "batch_size": 8, "total_steps": 5000, "lr": 1e-4}
+    launched = run([PY, "-m", "domainbed.scripts.sweep", "launch", "--datasets", "CLIPWorldOpen",
+                    "--algorithms", "CLIPood", "--data_dir", small_world["domainbed_root"],
+                    "--output_dir", str(out), "--command_launcher", "local_parallel",
+                    "--n_hparams", "1", "--n_trials", "1", "--single_test_envs", "--steps", "2",
+                    "--hparams", json.dumps(hparams), "--skip_confirmation"], cwd=tmp_path)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    jobs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(jobs) == 4 and all((j / "done").exists() for j in jobs)
+    record = json.loads((jobs[0] / "results.jsonl").read_text().splitlines()[-1])
+    assert record["hparams"]["train_classes"] == BASE
+    assert record["hparams"]["total_steps"] == 2  # the schedule follows the job's --steps
+    assert 0 <= record["env0_uda_acc"] <= 1 and "env1_uda_acc" not in record
+    assert collect.main([str(out), "--out", str(tmp_path / "tables"), "--no-figures"]) == 0
+    table = (tmp_path / "tables" / "domainbed_iid_CLIPWorldOpen_base_open.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| CLIPood"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    base, opened, hm = (float(c.split()[0]) for c in cells[-3:])
+    assert hm == pytest.approx(2 * base * opened / (base + opened), abs=0.06)
+    assert (tmp_path / "tables" / "domainbed_oracle_CLIPWorldOpen_base_open.md").exists()
+
+
+@pytest.mark.parametrize("name", ["CLIPFT", "CLIPood", "AlignCLIP", "CLIPLP", "CALIPFS"])
+def test_training_sees_only_the_base_classes_prediction_all(name):
+    method_cls = get_method(name)
+    torch.manual_seed(0)
+    hparams = {**method_cls.default_hparams(), **TINY, "train_classes": 2, "batch_size": 4,
+               "total_steps": 2}
+    if name == "AlignCLIP":
+        hparams.update(aligned_layers=2, dv_layers=2)
+    method = method_cls(["circle", "square", "star"], hparams)
+    assert method.train_class_embeddings.shape[0] == 2
+    x = torch.randn(4, 3, 64, 64)
+    summary = method.update(x, torch.tensor([0, 1, 0, 1]))
+    assert torch.isfinite(torch.tensor(summary["loss"]))
+    assert method.predict(x).shape == (4, 3)
+    with pytest.raises(IndexError):  # an open-class label cannot be a training target
+        method.update(x, torch.tensor([0, 1, 2, 1]))
+
+
+def test_margin_logits_of_a_base_only_classifier():
+    from algorithms.clipood import margin_logits
+    method_cls = get_method("CLIPood")
+    torch.manual_seed(0)
+    method = method_cls(["a", "b", "c"], {**method_cls.default_hparams(), **TINY,
+                                          "train_classes": 2})
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    with torch.no_grad():
+        loss, _ = method.loss(x, y)
+        features = torch.nn.functional.normalize(method.visual(x), dim=-1)
+        logits = margin_logits(features, method.class_embeddings[:2], y, 0.3, method.logit_scale)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, y))
+
+
+def test_baselines_keep_their_own_published_recipes():
+    clipood, alignclip = get_method("CLIPood"), get_method("AlignCLIP")
+    for dataset in ("PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet"):
+        hp = clipood.default_hparams(dataset)
+        assert hp["margin_alpha"] == 0.3 and hp["batch_size"] == 12 and hp["bma_beta"] == 0.5
+    assert clipood.default_hparams("PACS")["total_steps"] == 5000
+    assert clipood.default_hparams("DomainNet")["total_steps"] == 10000
+    assert clipood.default_hparams("OfficeHome")["lr"] == 1e-5
+    assert alignclip.default_hparams("DomainNet")["margin_alpha"] == 0.1
+    assert alignclip.default_hparams("DomainNet")["total_steps"] == 10000
+    assert alignclip.default_hparams("PACS")["batch_size"] == 36
+    wild = clipood.default_hparams("OfficeHomeOpen")  # CLIPood scripts.sh, in_the_wild
+    assert (wild["lr"], wild["margin_alpha"], wild["bma_beta"]) == (3e-6, 0.1, 0.1)
+    assert clipood.default_hparams("DomainNetOpen")["margin_alpha"] == 0.1
