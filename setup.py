@@ -41,6 +41,9 @@ setup(
         "prettytable>=3",
         "webcolors>=1.11",
         "numba>=0.57",
+        "h5py>=3.8",  # ComAlign's component cache
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    # clip-benchmark: the test that evaluates a harness checkpoint with CLIP_benchmark
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "clip-benchmark>=1.6.2"],
+                    "spacy": ["spacy>=3.5"]},  # ComAlign's dependency parser (+ an English pipeline)
 )

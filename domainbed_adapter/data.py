@@ -13,7 +13,9 @@ wrapped split_dataset remembers every split, the wrapped dataset which dataset a
 environments belong to which hparams dict. "validation" = the training environments'
 out-splits (what DomainBed's training-domain validation selects on); "test" = every
 image (in, out and uda splits) of the test environments. Both are read with the eval
-transform (DomainBed itself evaluates training-env out-splits with augmentation).
+transform. DomainBed itself evaluates training-env out-splits with the training
+augmentation; for the harness's algorithms the out-splits it evaluates are read with the
+eval transform too, so training-domain validation and in-domain accuracy are not noisy.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from common import env
 HELD_OUT_BATCH_SIZE = 64
 _DATASETS = {}    # id(hparams) -> (hparams, dataset, test_envs)
 _OUT_SPLITS = {}  # id(split dataset) -> (that dataset, its out-split)
+_EVAL_TRANSFORMS = {}  # id(training env of a harness algorithm) -> (env, eval transform)
 _OPEN_TEST_ENVS = {}  # id(test env of an open-world variant) -> (env, base class count)
 _OPEN_REST = {}       # id(its in-split: base rest + open) -> (in-split, base class count)
 
@@ -66,6 +69,9 @@ def patch_image_folder(module):
         for i, environment in enumerate(self.datasets):
             environment.transform = backbone.clip_transform(
                 size, train=augment and i not in test_envs)
+            if i not in test_envs:  # its held-out images are evaluated without augmentation
+                _EVAL_TRANSFORMS[id(environment)] = (environment,
+                                                     backbone.clip_transform(size, train=False))
         self.input_shape = (3, size, size)
         _DATASETS[id(hparams)] = (hparams, self, tuple(test_envs))
 
@@ -82,6 +88,8 @@ def remember_splits(misc):
             return _split_open_classes(misc, dataset)
         else:
             out, in_ = upstream(dataset, n, seed)
+            if id(dataset) in _EVAL_TRANSFORMS:
+                out = _EvalSplit(dataset, out.keys, _EVAL_TRANSFORMS[id(dataset)][1])
         _OUT_SPLITS[id(dataset)] = (dataset, out)
         return out, in_
 
@@ -137,6 +145,22 @@ def refuse_small_splits(module):
         upstream_init(self, dataset, weights, batch_size, num_workers)
 
     module.InfiniteDataLoader.__init__ = __init__
+
+
+class _EvalSplit(torch.utils.data.Dataset):
+    """misc._SplitDataset of an image-folder environment read with the eval transform:
+    the training domains' out-splits (training-domain validation, in-domain accuracy),
+    which upstream reads with the training augmentation."""
+
+    def __init__(self, environment, keys, transform):
+        self.underlying_dataset, self.keys, self.transform = environment, keys, transform
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, index):
+        path, label = self.underlying_dataset.samples[self.keys[index]]
+        return self.transform(self.underlying_dataset.loader(path)), label
 
 
 class _EvalImages(torch.utils.data.Dataset):

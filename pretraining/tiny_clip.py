@@ -106,19 +106,26 @@ def open_clip_train_args(config: PretrainConfig, paths: dict, logs_dir, init=Non
 def run_open_clip_train(args: list) -> None:
     """Run open_clip_train.main in a child process that knows the harness's configs; its
     output goes to <logs>/<name>.stdout, its progress (from its out.log) to a bar."""
-    import re
-    from tqdm import tqdm
-    cmd = [sys.executable, "-m", "pretraining.tiny_clip", TRAIN_FLAG, *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     logs, name = Path(args[args.index("--logs") + 1]), args[args.index("--name") + 1]
     logs.mkdir(parents=True, exist_ok=True)
-    stdout, out_log = logs / f"{name}.stdout", logs / name / "out.log"
-    epochs = int(args[args.index("--epochs") + 1])
-    model = args[args.index("--model") + 1]
+    follow_open_clip_train([sys.executable, "-m", "pretraining.tiny_clip", TRAIN_FLAG, *args],
+                           logs / f"{name}.stdout", logs / name / "out.log",
+                           int(args[args.index("--epochs") + 1]),
+                           f"pretraining {args[args.index('--model') + 1]}")
+
+
+def follow_open_clip_train(cmd: list, stdout: Path, out_log: Path, epochs: int, desc: str,
+                           extra_env: dict | None = None) -> None:
+    """Run `cmd` (an open_clip_train run) with the repository importable, its output into
+    `stdout`, and a progress bar read from open_clip_train's `out_log`; a failure raises
+    with the last lines of its output and the file's name."""
+    import re
+    from tqdm import tqdm
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p), **(extra_env or {}))
     seen = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
-    with open(stdout, "w") as sink, tqdm(desc=f"pretraining {model}", unit="pair") as bar:
-        child = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    with open(stdout, "w") as sink, tqdm(desc=desc, unit="pair") as bar:
+        child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
         while child.poll() is None:
             time.sleep(1)
             try:
@@ -130,8 +137,7 @@ def run_open_clip_train(args: list) -> None:
                 bar.total = epochs * per_epoch
                 bar.update(epoch * per_epoch + done - bar.n)
     if child.returncode != 0:
-        tail = stdout.read_text().splitlines()[-15:]
-        print("\n".join(tail), file=sys.stderr)
+        print("\n".join(Path(stdout).read_text().splitlines()[-15:]), file=sys.stderr)
         raise RuntimeError(f"open_clip_train failed (exit {child.returncode}); its output: "
                            f"{stdout}")
 

@@ -210,8 +210,8 @@ def in_and_out_of_domain_table(tag, method, datasets, algorithms, in_accs, out_a
                 trials = trial_averages(accs.get((dataset, algorithm), {}), n_envs[dataset])
                 cells.append(Cell(*percent(*mean_se(trials)), n=len(trials)))
         table.add(algorithm, cells, key=algorithm)
-    table.notes.append("in-domain: the training domains' held-out (out) images, as DomainBed "
-                       "evaluates them (with the training augmentation); out-of-domain: the "
+    table.notes.append("in-domain: the training domains' held-out (out) images (for the "
+                       "harness's algorithms read without augmentation); out-of-domain: the "
                        "test domain. Mean over test domains, ± standard error over trials.")
     return table
 

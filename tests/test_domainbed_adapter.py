@@ -139,3 +139,13 @@ def test_demo_groups_algorithms_by_their_hparams():
     assert all(hp["clip_pretrained"] == "/ckpt.pt" and hp["templates"] == "photo"
                for hp in by_name.values())
     assert sorted(len(names) for names, _, _ in groups) == [1, 1, 1, 2]  # ZSCLIP with CALIP
+
+
+def test_training_domains_held_out_images_are_read_without_augmentation(domainbed, small_world):
+    from domainbed.lib import misc
+    hparams = dict(domainbed.hparams_registry.default_hparams("ZSCLIP", "CLIPWorld"), **TINY)
+    dataset = domainbed.datasets.CLIPWorld(small_world["domainbed_root"], [0], hparams)
+    out, in_ = misc.split_dataset(dataset[1], int(len(dataset[1]) * 0.2), misc.seed_hash(0, 1))
+    assert "CenterCrop" in repr(out.transform) and "RandomResizedCrop" in repr(dataset[1].transform)
+    torch.testing.assert_close(out[0][0], out[0][0])  # deterministic: no augmentation
+    assert sorted(out.keys + in_.keys) == list(range(len(dataset[1])))

@@ -40,7 +40,7 @@ def tensors_fingerprint(tensors: Iterable[Tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(text)).strip("_")[:60] or "data"
 
 
@@ -57,8 +57,8 @@ class FeatureCache:
 
     def path(self, key: dict) -> Path:
         data = key.get("data", {})
-        prefix = f"{_slug(data.get('dataset', 'data'))}_{_slug(data.get('split', ''))}"
-        return (self.root / self.kind / _slug(key.get("clip_model", "model"))
+        prefix = f"{slug(data.get('dataset', 'data'))}_{slug(data.get('split', ''))}"
+        return (self.root / self.kind / slug(key.get("clip_model", "model"))
                 / f"{prefix}_{digest(key)[:24]}.pt")
 
     def load(self, key: dict) -> Optional[Tensors]:

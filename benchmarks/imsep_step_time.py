@@ -1,7 +1,7 @@
 """Cost of AlignCLIP-IMSep against plain CLIP training, printed side by side in one run.
 
-    python -m pretraining.bench_imsep [--model tiny-sharedclip] [--batch-size 64]
-                                      [--steps 10] [--device cpu] [--sentence-model NAME|DIR]
+    python benchmarks/imsep_step_time.py [--model tiny-sharedclip] [--batch-size 64]
+                                         [--steps 10] [--device cpu] [--sentence-model NAME|DIR]
 
 Training-step time (forward, loss, backward, AdamW step; median over --steps after
 --warmup-steps) on the same model and the same batch for:
