@@ -56,10 +56,10 @@ def domainbed_available() -> bool:
     return probe.returncode == 0
 
 
-def sweep_args(data_dir, output_dir, algorithms, hparams, steps):
+def sweep_args(data_dir, output_dir, algorithms, hparams, steps, trials=1):
     return ["--datasets", "CLIPWorld", "--algorithms", *algorithms,
             "--data_dir", str(data_dir), "--output_dir", str(output_dir),
-            "--command_launcher", "local_parallel", "--n_hparams", "1", "--n_trials", "1",
+            "--command_launcher", "local_parallel", "--n_hparams", "1", "--n_trials", str(trials),
             "--single_test_envs", "--steps", str(steps),
             "--hparams", json.dumps(hparams, sort_keys=True), "--skip_confirmation"]
 
@@ -69,15 +69,15 @@ def has_incomplete_jobs(sweep_dir) -> bool:
     return any(d.is_dir() and not (d / "done").exists() for d in Path(sweep_dir).glob("*"))
 
 
-def run_sweep(data_dir, output_dir, algorithms, hparams, steps) -> None:
+def run_sweep(data_dir, output_dir, algorithms, hparams, steps, trials=1) -> None:
     """`python -m domainbed.scripts.sweep launch` (it skips jobs whose `done` file
     exists), after `delete_incomplete` when an interrupted job is there."""
     environment = dict(os.environ, **{env.NUM_WORKERS: os.environ.get(env.NUM_WORKERS, "0")})
-    args = sweep_args(data_dir, output_dir, algorithms, hparams, steps)
+    args = sweep_args(data_dir, output_dir, algorithms, hparams, steps, trials)
     if has_incomplete_jobs(output_dir):
         subprocess.run([sys.executable, "-m", "domainbed.scripts.sweep", "delete_incomplete",
                         *args], check=True, env=environment, stdout=subprocess.DEVNULL)
-    n_jobs = len(algorithms) * len(world.DOMAINS)
+    n_jobs = len(algorithms) * len(world.DOMAINS) * trials
     launch = subprocess.Popen([sys.executable, "-m", "domainbed.scripts.sweep", "launch",
                                *args], env=environment, stdout=subprocess.DEVNULL)
     with tqdm(total=n_jobs, desc="jobs done", unit="job") as bar:
@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(OUTPUT / "demo"))
     parser.add_argument("--cache-dir", default=str(pretrain.DEFAULT_CACHE_DIR))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trials", type=int, default=1,
+                        help="DomainBed trials (trial seeds) per job; 2+ gives a seed spread")
     parser.add_argument("--algorithms", nargs="+", default=sorted(registry.methods()),
                         choices=sorted(registry.methods()))
     parser.add_argument("--steps", type=int, default=100,
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
                                                    report["config"]["model"], args.steps):
         print(f"demo: DomainBed sweep of {', '.join(algorithms)} on CLIPWorld ({steps} "
               f"steps), each domain held out in turn -> {sweep_dir}", flush=True)
-        run_sweep(paths["domainbed_root"], sweep_dir, algorithms, hparams, steps)
+        run_sweep(paths["domainbed_root"], sweep_dir, algorithms, hparams, steps, args.trials)
     print(collect_domainbed(sweep_dir))
     from results import collect
     if collect.main([str(sweep_dir), "--out", str(output / "tables")]) != 0:

@@ -149,3 +149,9 @@ def test_training_domains_held_out_images_are_read_without_augmentation(domainbe
     assert "CenterCrop" in repr(out.transform) and "RandomResizedCrop" in repr(dataset[1].transform)
     torch.testing.assert_close(out[0][0], out[0][0])  # deterministic: no augmentation
     assert sorted(out.keys + in_.keys) == list(range(len(dataset[1])))
+
+
+def test_demo_trials_become_domainbed_trial_seeds():
+    from sweeps import demo
+    args = demo.sweep_args("data", "out", ["ZSCLIP"], {}, 1, trials=2)
+    assert args[args.index("--n_trials") + 1] == "2"
