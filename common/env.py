@@ -17,10 +17,6 @@ TRACEBACK = "CLIPBENCH_TRACEBACK"              # full traceback instead of one l
 OFF = ("", "0", "off", "none", "false")
 
 
-def get(name: str, default: Optional[str] = None) -> Optional[str]:
-    return os.environ.get(name, default)
-
-
 def flag(name: str) -> bool:
     return (os.environ.get(name) or "").strip().lower() not in OFF
 

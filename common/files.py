@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,6 +28,26 @@ def atomic_path(path) -> Iterator[Path]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(final, finished: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside `final` to fill; when the block succeeds it
+    is renamed to `final`, unless `finished(final)` already holds (a concurrent run got
+    there first). It is removed in every other case: a half-filled folder never takes
+    the final name."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield work
+        if not finished(final):
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(work, final)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
 
 
 def write_atomic(path, write: Callable[[Path], None]) -> Path:

@@ -89,7 +89,7 @@ def remember_splits(misc):
         else:
             out, in_ = upstream(dataset, n, seed)
             if id(dataset) in _EVAL_TRANSFORMS:
-                out = _EvalSplit(dataset, out.keys, _EVAL_TRANSFORMS[id(dataset)][1])
+                out = _EvalImages(dataset, out.keys, _EVAL_TRANSFORMS[id(dataset)][1])
         _OUT_SPLITS[id(dataset)] = (dataset, out)
         return out, in_
 
@@ -147,13 +147,18 @@ def refuse_small_splits(module):
     module.InfiniteDataLoader.__init__ = __init__
 
 
-class _EvalSplit(torch.utils.data.Dataset):
-    """misc._SplitDataset of an image-folder environment read with the eval transform:
-    the training domains' out-splits (training-domain validation, in-domain accuracy),
-    which upstream reads with the training augmentation."""
+class _EvalImages(torch.utils.data.Dataset):
+    """Chosen images (`keys`) of an image-folder environment read with a fixed transform,
+    shaped like misc._SplitDataset: the training domains' out-splits read without
+    augmentation (upstream reads them with the training augmentation) and the held-out
+    data of the selection protocol."""
 
     def __init__(self, environment, keys, transform):
-        self.underlying_dataset, self.keys, self.transform = environment, keys, transform
+        self.underlying_dataset, self.keys, self.transform = environment, list(keys), transform
+
+    @property
+    def samples(self):
+        return [self.underlying_dataset.samples[k] for k in self.keys]
 
     def __len__(self):
         return len(self.keys)
@@ -161,21 +166,6 @@ class _EvalSplit(torch.utils.data.Dataset):
     def __getitem__(self, index):
         path, label = self.underlying_dataset.samples[self.keys[index]]
         return self.transform(self.underlying_dataset.loader(path)), label
-
-
-class _EvalImages(torch.utils.data.Dataset):
-    """Chosen images of an image-folder environment, with a fixed transform."""
-
-    def __init__(self, environment, indices, transform):
-        self.samples = [environment.samples[i] for i in indices]
-        self.loader, self.transform = environment.loader, transform
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, label = self.samples[index]
-        return self.transform(self.loader(path)), label
 
 
 def held_out_data(hparams, which):

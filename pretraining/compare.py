@@ -35,15 +35,13 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common.files import write_atomic
+from common.files import staged_dir, write_atomic
 from common.paths import CLIP_CACHE, OUTPUT
 from pretraining import tiny_clip
 
@@ -98,30 +96,19 @@ def pretrain(method, model, flags, config, world_root, cache_dir) -> Path:
     if not (data / "train.csv").is_file():
         write_atomic(data / "train.csv", lambda tmp: shutil.copyfile(paths["pairs_train_csv"], tmp))
     paths = dict(paths, pairs_train_csv=str(data / "train.csv"))
-    work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp"))
-    try:
+    with staged_dir(final, lambda final: (final / CHECKPOINT).is_file()) as work:
         args = tiny_clip.open_clip_train_args(config, paths, work / "logs") + list(flags)
         start = time.time()
         _run_imsep(args, work / "train.stdout", f"pretraining {method} seed {config.seed}",
                    config.epochs)
         seconds = time.time() - start
-        run_dir = work / "logs" / "train"
-        tiny_clip.export_checkpoint(run_dir / "checkpoints" / f"epoch_{config.epochs}.pt",
-                                    work / CHECKPOINT)
-        val_loss = tiny_clip._last_val_loss(run_dir / "checkpoints" / "results.jsonl")
-        shutil.rmtree(run_dir / "checkpoints")
+        _, val_loss = tiny_clip.keep_final_checkpoint(work / "logs" / "train", config.epochs,
+                                                      work / CHECKPOINT)
         write_json_atomic(work / REPORT, {
             "key": key, "method": method, "model": model, "flags": list(flags),
             "config": dataclasses.asdict(config), "world": opts, "world_root": str(world_root),
             "train_seconds": round(seconds, 1), "final_val_clip_loss": val_loss,
             "open_clip_train_log": "logs/train/out.log"})
-        if not (final / CHECKPOINT).is_file():
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(work, final)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
     return final / CHECKPOINT
 
 

@@ -165,19 +165,6 @@ def text_features(model, tokenizer, texts, device="cpu", batch_size=256, desc="t
     return torch.cat(feats)
 
 
-class _Paths:
-    def __init__(self, files, transform):
-        self.files, self.transform = files, transform
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.files[i]) as im:
-            return self.transform(im.convert("RGB"))
-
-
 # --------------------------------------------------------------------------- metrics
 def topk_accuracy(logits, labels, ks=(1, 5)) -> dict:
     """{'top1': %, 'top5': % or None when there are no more than k classes}."""
@@ -269,7 +256,7 @@ def run_zeroshot(model, preprocess, tokenizer, sets, templates, device, progress
 
 
 def encode_retrieval(model, preprocess, tokenizer, rset, device, progress):
-    img, _ = image_features(model, _Paths(rset.images, preprocess), device,
+    img, _ = image_features(model, ds.ImageFiles(rset.images, preprocess), device,
                             desc=f"{rset.name} images", progress=progress)
     txt = text_features(model, tokenizer, rset.captions, device,
                         desc=f"{rset.name} captions", progress=progress)

@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -168,6 +167,17 @@ def text_tower_init(model: str, text_checkpoint, seed: int, out) -> Path:
     return Path(out)
 
 
+def keep_final_checkpoint(run_dir: Path, epochs: int, out: Path):
+    """From an open_clip_train run folder: its last epoch's weights as a bare state dict
+    at `out`, its last validation loss; the training checkpoints (optimizer state) are
+    deleted. Returns (out, last val loss or None)."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    ckpt = export_checkpoint(checkpoints / f"epoch_{epochs}.pt", out)
+    val_loss = _last_val_loss(checkpoints / "results.jsonl")
+    shutil.rmtree(checkpoints)
+    return ckpt, val_loss
+
+
 def export_checkpoint(train_ckpt, out) -> Path:
     """open_clip_train's epoch_N.pt -> a bare state_dict (no optimizer, no 'module.')."""
     import torch
@@ -196,18 +206,6 @@ def heldout_images(paths: dict) -> dict:
     return {"seen": files(world.PAIR_DOMAINS), "painting": files(held_out)}
 
 
-class _Images:
-    def __init__(self, files, transform):
-        self.files, self.transform = files, transform
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        return self.transform(Image.open(self.files[i]))
-
-
 def zero_shot_eval(model_name: str, checkpoint, paths: dict, templates="photo",
                    device="cpu", progress=True) -> dict:
     """Zero-shot accuracy (the harness's ZSCLIP) of a CLIP on the held-out images."""
@@ -215,6 +213,7 @@ def zero_shot_eval(model_name: str, checkpoint, paths: dict, templates="photo",
     from tqdm import tqdm
     from algorithms import backbone
     from algorithms.core import registry
+    from pretraining.datasets import ImageFiles
     from clipworld import generate as world
     hparams = {**registry.get_method("ZSCLIP").default_hparams(),
                "clip_model": model_name, "clip_pretrained": str(checkpoint),
@@ -226,7 +225,7 @@ def zero_shot_eval(model_name: str, checkpoint, paths: dict, templates="photo",
     per_domain = {}
     sets = heldout_images(paths)
     for name, files in sets.items():
-        loader = torch.utils.data.DataLoader(_Images(files, transform), batch_size=128)
+        loader = torch.utils.data.DataLoader(ImageFiles(files, transform), batch_size=128)
         preds = []
         with torch.no_grad():
             for x in tqdm(loader, desc=f"zero-shot {name}", disable=not progress):
@@ -267,7 +266,7 @@ def pretrain(world_root, cache_dir=DEFAULT_CACHE_DIR, config: PretrainConfig | N
              progress=True) -> Path:
     """Checkpoint of the tiny CLIP pretrained on world_root's pairs: reused from
     cache_dir when its key is there, else trained with open_clip_train and evaluated."""
-    from common.files import write_json_atomic
+    from common.files import staged_dir, write_json_atomic
     config = config or DEFAULT_CONFIG
     world_root, cache_dir = Path(world_root).resolve(), Path(cache_dir).resolve()
     opts = world_options(world_root)
@@ -280,19 +279,16 @@ def pretrain(world_root, cache_dir=DEFAULT_CACHE_DIR, config: PretrainConfig | N
         text_from = pretrain(world_root, cache_dir, config.text_tower_from, progress)
         print(format_report(read_report(text_from)))
     paths = json.loads((world_root / "WORLD_DONE.json").read_text())["paths"]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp"))
-    try:
+    # published as <key> only when complete; a concurrent run may finish first
+    with staged_dir(cache_dir / key,
+                    lambda final: cached_checkpoint(cache_dir, key) is not None) as work:
         init = text_tower_init(config.model, text_from, config.seed, work / "init.pt") \
             if text_from else None
         start = time.time()
         run_open_clip_train(open_clip_train_args(config, paths, work / "logs", init))
         train_seconds = time.time() - start
-        run_dir = work / "logs" / "train"
-        ckpt = export_checkpoint(run_dir / "checkpoints" / f"epoch_{config.epochs}.pt",
-                                 work / CHECKPOINT_NAME)
-        val_loss = _last_val_loss(run_dir / "checkpoints" / "results.jsonl")
-        shutil.rmtree(run_dir / "checkpoints")  # optimizer state: not needed any more
+        ckpt, val_loss = keep_final_checkpoint(work / "logs" / "train", config.epochs,
+                                               work / CHECKPOINT_NAME)
         if init:
             init.unlink()
         zero_shot = zero_shot_eval(config.model, ckpt, paths, device=config.device,
@@ -304,14 +300,6 @@ def pretrain(world_root, cache_dir=DEFAULT_CACHE_DIR, config: PretrainConfig | N
                   "checkpoint": CHECKPOINT_NAME, "open_clip_train_log": "logs/train/out.log",
                   "open_clip_train_stdout": "logs/train.stdout"}
         write_json_atomic(work / REPORT_NAME, report)
-        final = cache_dir / key
-        if cached_checkpoint(cache_dir, key) is None:  # else a concurrent run finished first
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(work, final)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
     return cached_checkpoint(cache_dir, key)
 
 

@@ -23,7 +23,6 @@ import random
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -65,13 +64,10 @@ def features(method, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 
 def accuracies(job: Path, test_env: int) -> dict:
-    records = read_jsonl(job / "results.jsonl")
-    last = records[-1]
-    train_envs = [int(k[3:-8]) for k in last if k.startswith("env") and k.endswith("_out_acc")
-                  and int(k[3:-8]) != test_env]
+    from results.kind_domainbed import in_domain_accuracy
+    last = read_jsonl(job / "results.jsonl")[-1]
     return {"test_acc": last.get(f"env{test_env}_in_acc"),
-            "in_domain_acc": float(np.mean([last[f"env{i}_out_acc"] for i in train_envs])),
-            "step": last.get("step")}
+            "in_domain_acc": in_domain_accuracy(last), "step": last.get("step")}
 
 
 def analyse(job: Path, images_per_domain: int, zero_shot_cache: dict) -> dict:

@@ -183,16 +183,23 @@ def with_open_accuracy(record) -> dict:
     return {**record, **{f"env{t}_in_acc": record[key] for t, key in zip(test_envs, keys)}}
 
 
-def with_in_domain_accuracy(record) -> dict:
-    """The record with the test environment's in-accuracy replaced by the mean accuracy on
-    the training domains' held-out images (what training-domain validation selects on):
-    upstream's selection then reports the in-domain accuracy of the checkpoint it picks."""
+def in_domain_accuracy(record) -> float | None:
+    """Mean accuracy on the training domains' held-out images (their `env<i>_out_acc`,
+    what training-domain validation selects on); None when the record has none."""
     test_envs = set(record["args"]["test_envs"])
     held_out = [v for k, v in record.items() if k.startswith("env") and k.endswith("_out_acc")
                 and int(k[3:-8]) not in test_envs]
-    if not held_out:
+    return float(np.mean(held_out)) if held_out else None
+
+
+def with_in_domain_accuracy(record) -> dict:
+    """The record with the test environment's in-accuracy replaced by its in-domain
+    accuracy: upstream's selection then reports the in-domain accuracy of the checkpoint
+    it picks."""
+    accuracy = in_domain_accuracy(record)
+    if accuracy is None:
         return None
-    return {**record, **{f"env{t}_in_acc": float(np.mean(held_out)) for t in test_envs}}
+    return {**record, **{f"env{t}_in_acc": accuracy for t in record["args"]["test_envs"]}}
 
 
 def in_and_out_of_domain_table(tag, method, datasets, algorithms, in_accs, out_accs,
