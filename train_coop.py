@@ -7,7 +7,8 @@
 """
 import sys
 
+from common import cli
 from trainers.coop_runner import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli.run(main, sys.argv[1:])

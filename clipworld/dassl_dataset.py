@@ -29,15 +29,24 @@ class CLIPWorld(DatasetBase):
         try:
             with open(split_path) as f:
                 split = json.load(f)
-        except (OSError, ValueError) as e:
+        except OSError as e:
             raise FileNotFoundError(f"CLIPWorld: cannot read {split_path} ({e}); generate the "
                                     f"world: python -m clipworld.generate --root <dir>") from None
+        except ValueError as e:
+            raise ValueError(f"CLIPWorld: {split_path} is not JSON ({e}): a truncated or "
+                             f"corrupt split file; generate the world again") from None
+        check_split(split, split_path)
         source = list(cfg.DATASET.SOURCE_DOMAINS) or self.domains
         target = list(cfg.DATASET.TARGET_DOMAINS) or self.domains
         self.check_input_domains(source, target)
         train = self.read_items(split["train"], source, split_path)
         val = self.read_items(split["val"], source, split_path)
         test = self.read_items(split["test"], target, split_path)
+        for key, items, kept in (("train", train, source), ("val", val, source),
+                                 ("test", test, target)):
+            if not items:
+                raise ValueError(f"CLIPWorld: {split_path}: '{key}' has no image of the "
+                                 f"domains {', '.join(kept)}")
 
         shots = cfg.DATASET.NUM_SHOTS
         if shots >= 1:  # seeded by Dassl's set_random_seed(cfg.SEED)
@@ -59,6 +68,27 @@ class CLIPWorld(DatasetBase):
             out.append(Datum(impath=impath, label=int(label), domain=self.domains.index(domain),
                              classname=classname))
         return out
+
+
+def check_split(split, split_path) -> None:
+    """{train, val, test}: non-empty lists of [image path, integer label, class name,
+    domain]."""
+    if not isinstance(split, dict) or not all(isinstance(split.get(k), list)
+                                              for k in ("train", "val", "test")):
+        raise ValueError(f"CLIPWorld: {split_path}: not a split file (needs lists 'train', "
+                         f"'val' and 'test')")
+    for key in ("train", "val", "test"):
+        if not split[key]:  # Dassl would fail on it later, naming no file
+            raise ValueError(f"CLIPWorld: {split_path}: '{key}' is empty; generate the world "
+                             f"again (at least 3 images per class and domain)")
+        for i, row in enumerate(split[key]):
+            ok = (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
+                  and isinstance(row[1], int) and not isinstance(row[1], bool)
+                  and row[1] >= 0 and isinstance(row[2], str) and row[3] in DOMAINS)
+            if not ok:
+                raise ValueError(f"CLIPWorld: {split_path}: {key}[{i}] is {row!r}, expected "
+                                 f"[image path, label, class name, domain] with a domain of "
+                                 f"{', '.join(DOMAINS)}")
 
 
 def register() -> None:

@@ -14,8 +14,13 @@ def register(datasets_module) -> None:
     image_folder = datasets_module.MultipleEnvironmentImageFolder
 
     def __init__(self, root, test_envs, hparams):
-        image_folder.__init__(self, os.path.join(root, DOMAINBED_DIRNAME), test_envs,
-                              hparams["data_augmentation"], hparams)
+        folder = os.path.join(root, DOMAINBED_DIRNAME)
+        missing = [d for d in sorted(DOMAINS) if not os.path.isdir(os.path.join(folder, d))]
+        if os.path.isdir(folder) and missing:  # (no folder at all: the image folder says so)
+            raise FileNotFoundError(f"{NAME}: missing domain folder "
+                                    f"{os.path.join(folder, missing[0])} (domains: "
+                                    f"{', '.join(sorted(DOMAINS))})")
+        image_folder.__init__(self, folder, test_envs, hparams["data_augmentation"], hparams)
 
     dataset_cls = type(NAME, (image_folder,), {
         "__init__": __init__, "ENVIRONMENTS": sorted(DOMAINS), "CHECKPOINT_FREQ": 100,

@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from common import cli
+from common.files import write_json_atomic
+
 try:
     from tqdm import tqdm
 except ImportError:  # progress bars are optional
@@ -465,7 +468,8 @@ def generate_world(root, seed=0, image_size=64, per_class_domain=24,
     paths.update(write_pairs(root, pool, seed))
     paths.update(write_compositional(root, comp, seed))
     paths.update(write_metadata(root, world + comp + pool))
-    _write_json(marker, {"options": opts, "paths": paths})  # last: marks completion
+    # last, written whole (temporary + rename): marks completion
+    write_json_atomic(marker, {"options": opts, "paths": paths})
     return paths
 
 
@@ -488,4 +492,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -65,21 +65,6 @@ def write_json_atomic(path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def read_jsonl(path) -> list:
-    """Records of a JSON-lines file; a truncated or corrupt line is skipped with a warning
-    naming file and line."""
-    records = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                warnings.warn(f"{path}:{line_no}: skipping a truncated or corrupt record")
-    return records
-
-
 def read_json(path):
     """One JSON record, or None (with a warning naming the file) when it is corrupt."""
     try:

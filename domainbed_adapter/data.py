@@ -3,9 +3,10 @@ of the selection protocol.
 
 For the harness's algorithms (their hparams carry `clip_model`): CLIP preprocessing,
 class names from the class folders, input shape from the model. For every algorithm:
-a missing dataset folder and an unreadable image name the path, CLIPBENCH_NUM_WORKERS
-sets the loader workers, and a training split smaller than the batch is an error
-(upstream's loader would spin forever).
+a missing dataset folder and an unreadable image name the path, the loader workers
+per environment are min(8, CPUs // environments) (CLIPBENCH_NUM_WORKERS overrides), and
+a training split smaller than the batch is an error (upstream's loader would spin
+forever).
 
 Held-out data: train.py splits each environment with misc.split_dataset before it
 builds the algorithm, and passes the dataset's hparams dict to the algorithm. The
@@ -29,7 +30,7 @@ import torch
 from algorithms import backbone
 from algorithms.core import selection
 from algorithms.core.classnames import classnames_from_folders
-from common import env
+from common import cli, env
 
 HELD_OUT_BATCH_SIZE = 64
 _DATASETS = {}    # id(hparams) -> (hparams, dataset, test_envs)
@@ -44,7 +45,7 @@ def _checked_loader(loader):
         try:
             return loader(path)
         except (OSError, ValueError) as e:
-            raise OSError(f"cannot read image {path}: {e}") from None
+            raise OSError(f"cannot read image {path}: {cli.image_problem(path, e)}") from None
     return load
 
 
@@ -55,16 +56,22 @@ def patch_image_folder(module):
     def __init__(self, root, test_envs, augment, hparams):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"DomainBed dataset folder not found: {root}")
-        upstream_init(self, root, test_envs, augment, hparams)
-        workers = env.num_workers()
-        if workers is not None:
-            self.N_WORKERS = workers
+        check_domain_folders(type(self), root)
+        try:
+            upstream_init(self, root, test_envs, augment, hparams)
+        except FileNotFoundError as e:  # torchvision: no class folder, or an empty class
+            raise FileNotFoundError(empty_folder_problem(root) or str(e)) from None
+        # for every algorithm: label k must be the same class in every domain
+        class_names = classnames_from_folders(
+            [environment.classes for environment in self.datasets], where=root,
+            domains=[os.path.basename(os.path.normpath(e.root)) for e in self.datasets])
+        # upstream's 8 per environment oversubscribes a small node (common/env.py)
+        self.N_WORKERS = env.workers_per_environment(len(self.datasets))
         for environment in self.datasets:
             environment.loader = _checked_loader(environment.loader)
         if "clip_model" not in hparams:  # not a harness algorithm: upstream behaviour
             return
-        hparams["class_names"] = classnames_from_folders(
-            [environment.classes for environment in self.datasets], where=root)
+        hparams["class_names"] = class_names
         size = backbone.image_size_of(hparams["clip_model"])
         for i, environment in enumerate(self.datasets):
             environment.transform = backbone.clip_transform(
@@ -76,6 +83,33 @@ def patch_image_folder(module):
         _DATASETS[id(hparams)] = (hparams, self, tuple(test_envs))
 
     image_folder.__init__ = __init__
+
+
+def check_domain_folders(dataset_cls, root) -> None:
+    """As many domain folders under root as the dataset has environments (upstream takes
+    whatever folders are there, in sorted order: one missing would shift every index)."""
+    expected = getattr(dataset_cls, "ENVIRONMENTS", None)
+    found = sorted(f.name for f in os.scandir(root) if f.is_dir())
+    if expected and len(found) != len(expected):
+        raise FileNotFoundError(
+            f"{root}: {len(found)} domain folder(s) ({', '.join(found) or 'none'}), but "
+            f"{dataset_cls.__name__} has {len(expected)} domains ({', '.join(expected)}): "
+            f"a missing or extra folder would shift every domain index")
+
+
+def empty_folder_problem(root):
+    """The first domain folder without class folders or class folder without an image."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    for domain in sorted(f.path for f in os.scandir(root) if f.is_dir()):
+        classes = sorted(f.path for f in os.scandir(domain) if f.is_dir())
+        if not classes:
+            return f"{domain}: no class folders in this domain folder"
+        for folder in classes:
+            if not any(name.lower().endswith(IMG_EXTENSIONS)
+                       for _, _, names in os.walk(folder) for name in names):
+                return (f"{folder}: no image in this class folder (an empty class; image "
+                        f"files end in {', '.join(IMG_EXTENSIONS)})")
+    return None
 
 
 def remember_splits(misc):
@@ -140,11 +174,20 @@ def refuse_small_splits(module):
 
     def __init__(self, dataset, weights, batch_size, num_workers):
         if weights is None and len(dataset) < batch_size:
-            raise ValueError(f"a training split holds {len(dataset)} images, fewer than "
-                             f"batch_size={batch_size}: DomainBed's loader would spin forever")
+            raise ValueError(f"the training split of {_where(dataset)} holds {len(dataset)} "
+                             f"images, fewer than batch_size={batch_size}: DomainBed's loader "
+                             f"would spin forever (a smaller batch_size in --hparams, or more "
+                             f"images)")
         upstream_init(self, dataset, weights, batch_size, num_workers)
 
     module.InfiniteDataLoader.__init__ = __init__
+
+
+def _where(split) -> str:
+    """The folder of the environment a split was drawn from ('an environment' if none)."""
+    while split is not None and not hasattr(split, "root"):
+        split = getattr(split, "underlying_dataset", None)
+    return getattr(split, "root", None) or "an environment"
 
 
 class _EvalImages(torch.utils.data.Dataset):

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import torch
 
-from algorithms.core import registry, selection
+from algorithms.core import nonfinite, registry, selection
 from domainbed_adapter import data
 
 
@@ -32,7 +32,9 @@ class _DomainBedAdapter:
                   f"(the job's --steps)")
             hparams["total_steps"] = steps
         self.method = self.method_cls(classnames, hparams)
+        hparams["precision"] = self.method.precision  # resolved ("auto" -> bf16 ...): recorded
         self._selected = False
+        self._steps = 0  # DomainBed's step of the next update (train.py starts at 0)
 
     def update(self, minibatches, unlabeled=None):
         images = torch.cat([x for x, _ in minibatches])
@@ -41,7 +43,13 @@ class _DomainBedAdapter:
         if not self._selected and not self.method_cls.trains:
             # training-free: select before the first step, so DomainBed's record holds it
             selected = self._select(images.device)
-        return {**selected, **self.method.update(images, labels)}
+        try:
+            summary = self.method.update(images, labels)
+        except FloatingPointError:  # a non-finite loss: one line, no further step, no `done`
+            raise nonfinite.stopped(self.method, images, labels,
+                                    f"step {self._steps}") from None
+        self._steps += 1
+        return {**selected, **summary}
 
     def predict(self, x):
         if not self._selected:

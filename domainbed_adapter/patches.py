@@ -23,6 +23,21 @@ def _declare_hparams(module):
     methods.declare_hparams(module)
 
 
+def _name_known_algorithms(module):
+    from domainbed_adapter import names
+    names.patch_lookup(module, "get_algorithm_class", "algorithm", "ALGORITHMS")
+
+
+def _name_known_datasets(module):
+    from domainbed_adapter import names
+    names.patch_lookup(module, "get_dataset_class", "dataset", "DATASETS")
+
+
+def _refuse_unknown_names(module):
+    from domainbed_adapter import names
+    names.patch_hparams_registry(module)
+
+
 def _clip_image_folders(module):
     from domainbed_adapter import data
     data.patch_image_folder(module)
@@ -48,29 +63,51 @@ def _refuse_small_splits(module):
     data.refuse_small_splits(module)
 
 
-def _tolerate_truncated_records(module):
-    from common.files import read_jsonl
-    import os
+def _exclude_damaged_jobs(module):
+    """load_records: a job whose results.jsonl is damaged (results/records.py) is left
+    out whole, with one line naming file and line (upstream crashes or, with a
+    tolerant reader, scores the job on its remaining lines)."""
+    from pathlib import Path
+    from results.records import read_domainbed_job
 
     def load_records(path):
         records = []
-        for subdir in sorted(os.listdir(path)):
-            results_path = os.path.join(path, subdir, "results.jsonl")
-            if os.path.isfile(results_path):
-                records.extend(read_jsonl(results_path))
+        for job in sorted(p for p in Path(path).iterdir() if (p / "results.jsonl").is_file()):
+            job_records, damage = read_domainbed_job(job, finished=(job / "done").exists())
+            if damage is not None:
+                print(f"collect_results: {damage}: job left out (incomplete)", file=sys.stderr)
+            else:
+                records.extend(job_records)
         return module.Q(records)
 
     module.load_records = load_records
 
 
+def _check_train_hparams(module):
+    from domainbed_adapter import hparams_check
+    hparams_check.patch_registry(module)
+
+
+def _debug_dataset_hparams(module):
+    from domainbed_adapter import debug_datasets
+    debug_datasets.patch_hparams(module)
+
+
+def _debug_dataset_class_names(module):
+    from domainbed_adapter import debug_datasets
+    debug_datasets.patch_datasets(module)
+
+
 PATCHES = {
     "domainbed.command_launchers": (_register_launchers,),
-    "domainbed.algorithms": (_register_algorithms,),
-    "domainbed.hparams_registry": (_declare_hparams,),
-    "domainbed.datasets": (_clip_image_folders, _register_datasets, _register_open_world),
+    "domainbed.algorithms": (_register_algorithms, _name_known_algorithms),
+    "domainbed.hparams_registry": (_declare_hparams, _refuse_unknown_names,
+                                   _debug_dataset_hparams, _check_train_hparams),
+    "domainbed.datasets": (_clip_image_folders, _register_datasets, _register_open_world,
+                           _name_known_datasets, _debug_dataset_class_names),
     "domainbed.lib.misc": (_remember_splits,),
     "domainbed.lib.fast_data_loader": (_refuse_small_splits,),
-    "domainbed.lib.reporting": (_tolerate_truncated_records,),
+    "domainbed.lib.reporting": (_exclude_damaged_jobs,),
 }
 
 

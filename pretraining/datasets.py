@@ -5,8 +5,10 @@ A dataset is given on the command line as a SPEC `TYPE:PATH[,KEY=VALUE...]`:
 zero-shot classification / linear probe (`ClassificationSet`: image files or a
 torchvision dataset, integer labels, class names)
   cifar10:ROOT / cifar100:ROOT   torchvision's own files (ROOT/cifar-10-batches-py,
-                                 ROOT/cifar-100-python), read by torchvision.datasets.CIFAR10/100
-                                 with download=False; test split for zero-shot, train -> test for
+                                 ROOT/cifar-100-python), read as torchvision.datasets.CIFAR10/100
+                                 does, but with an unpickler that loads arrays only (a batch
+                                 file with pickled code is refused, never run), never
+                                 downloaded; test split for zero-shot, train -> test for
                                  the linear probe. The MD5 sums are checked and reported
                                  (`md5_ok` in the record), not required, so small test copies load.
   folder:DIR[,classnames=FILE][,name=N][,test=DIR]
@@ -42,6 +44,7 @@ import csv
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,13 +61,23 @@ class ImageFiles:
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.files[i]) as im:
-            return self.transform(im.convert("RGB"))
+        return self.transform(read_rgb(self.files[i]))
 
 
 class DataError(ValueError):
     """Bad evaluation input: one line naming what and where."""
+
+
+def read_rgb(path):
+    """An image file as an RGB PIL image; an unreadable file is a DataError naming it."""
+    from PIL import Image
+
+    from common import cli
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({cli.image_problem(path, e)})") from None
 
 
 @dataclass
@@ -149,9 +162,7 @@ class _Files:
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.files[i]) as im:
-            return self.transform(im.convert("RGB")), self.labels[i]
+        return self.transform(read_rgb(self.files[i])), self.labels[i]
 
 
 def _md5(path) -> str:
@@ -179,31 +190,74 @@ def cifar(kind: str, root, train: bool, name=None) -> ClassificationSet:
                                                                    base.meta["md5"])])
 
     class Reader(base):
-        # the files are checked above (presence); MD5 is reported, not required
-        def _check_integrity(self):
-            return True
+        # torchvision's reading, with an unpickler that loads arrays and nothing else
+        # (torchvision's pickle.load would run whatever code a batch file carries); the
+        # files are checked above (presence); MD5 is reported, not required
+        def __init__(self, root, train):
+            import numpy as np
+            from torchvision.datasets import VisionDataset
+            VisionDataset.__init__(self, root)
+            self.train, self.data, self.targets = train, [], []
+            for file_name, _ in self.train_list if train else self.test_list:
+                entry = load_cifar_pickle(folder / file_name)
+                self.data.append(entry["data"])
+                self.targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+            self.data = np.vstack(self.data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+            self._load_meta()
 
         def _load_meta(self):
-            import pickle
-            with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-                data = pickle.load(f, encoding="latin1")
+            data = load_cifar_pickle(folder / self.meta["filename"])
             self.classes = data[self.meta["key"]]
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     try:
-        ds = Reader(str(root), train=train, download=False)
-    except (KeyError, ValueError, EOFError, OSError) as e:
+        ds = Reader(str(root), train=train)
+    except (KeyError, ValueError, EOFError, OSError, TypeError, pickle.UnpicklingError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{folder}: not CIFAR's pickle format ({type(e).__name__}: {e})") from None
     return ClassificationSet(name or kind, [c.replace("_", " ") for c in ds.classes],
                              [int(t) for t in ds.targets], dataset=ds, source=str(folder),
                              info={"split": "train" if train else "test", "md5_ok": md5_ok})
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles CIFAR's python batches (dicts, lists, strings, bytes, numbers, numpy
+    arrays); any other global, i.e. code a crafted file would run, is refused."""
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for n in ("_reconstruct", "scalar")} | {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise _RefusedGlobal(f"GLOBAL {module}.{name}")
+
+
+def load_cifar_pickle(path):
+    with open(path, "rb") as f:
+        try:
+            return _ArraysOnly(f, encoding="latin1").load()
+        except _RefusedGlobal as e:
+            raise DataError(f"{path}: refused: the file holds pickled code or objects that are "
+                            f"not arrays ({e}); CIFAR batches are read with an unpickler that "
+                            f"never runs it") from None
+
+
 def read_classnames(path) -> dict[str, str]:
     """'<folder> <class name>' lines -> {folder: name}, in file order."""
     path = _need_file(path, "classnames file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (classnames file): {e}") from None
     out = {}
-    for no, line in enumerate(path.read_text().splitlines(), start=1):
+    for no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         folder, _, name = line.strip().partition(" ")
@@ -432,13 +486,24 @@ def pairs_csv(csv_path, sep="\t", img_key="filepath", caption_key="title",
               name=None) -> RetrievalSet:
     """open_clip_train's CSV (rows of image path and caption)."""
     csv_path = _need_file(csv_path, "image-caption CSV")
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=sep)
-        cols = reader.fieldnames or []
-        for key in (img_key, caption_key):
-            if key not in cols:
-                raise DataError(f"{csv_path}: no column {key!r} (columns: {', '.join(cols)})")
-        rows = [(r[img_key], r[caption_key]) for r in reader]
+        try:
+            cols = reader.fieldnames or []
+            for key in (img_key, caption_key):
+                if key not in cols:
+                    raise DataError(f"{csv_path}: no column {key!r} "
+                                    f"(columns: {', '.join(map(repr, cols))})")
+            rows = []
+            for r in reader:
+                if r[img_key] is None or r[caption_key] is None:
+                    raise DataError(f"{csv_path}:{reader.line_num}: a row without "
+                                    f"{img_key!r} or {caption_key!r}")
+                rows.append((r[img_key], r[caption_key]))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{csv_path}: not UTF-8 text (image-caption CSV): {e}") from None
+        except csv.Error as e:
+            raise DataError(f"{csv_path}:{reader.line_num}: not a CSV file ({e})") from None
     return _grouped(name or csv_path.stem, rows, csv_path)
 
 

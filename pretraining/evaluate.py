@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import cli
 from pretraining import datasets as ds
 
 RECORD_NAME = "pretraining_eval.json"
@@ -109,8 +110,9 @@ def load_model(model_name: str, checkpoint, device="cpu"):
         model, _, preprocess = sharedclip.create_model_and_transforms(
             model_name, pretrained=str(checkpoint), device=device)
     except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        from algorithms.backbone import checkpoint_problem
         raise EvalError(f"{checkpoint}: cannot load as {model_name} "
-                        f"({str(e).splitlines()[0][:200]})") from None
+                        f"({checkpoint_problem(e, model_name)[:300]})") from None
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name), sharedclip.is_tied(model)
 
 
@@ -421,11 +423,11 @@ def main(argv=None) -> int:
     try:
         path = evaluate(args)
     except (ds.DataError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
         return 2
     print(path)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

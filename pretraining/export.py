@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
+
+from common import cli
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -45,7 +48,12 @@ def export_open_clip_dir(model_name: str, checkpoint, out_dir) -> Path:
     if shared:
         sharedclip.check_shared_state_dict(open_clip.factory.load_state_dict(str(checkpoint)),
                                            str(checkpoint))
-    model = open_clip.create_model(model_name, pretrained=str(checkpoint), weights_only=True)
+    try:
+        model = open_clip.create_model(model_name, pretrained=str(checkpoint), weights_only=True)
+    except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        from algorithms.backbone import checkpoint_problem
+        raise ValueError(f"{checkpoint}: cannot load as {model_name} "
+                         f"({checkpoint_problem(e, model_name)})") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -76,4 +84,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from common import cli
 from results import reference, tables as tables_mod
 from results.kinds import kinds, walk
 
@@ -81,4 +82,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

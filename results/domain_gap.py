@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.files import atomic_path, read_jsonl, write_json_atomic
+from common import cli
+from common.files import atomic_path, write_json_atomic
+from results.records import read_domainbed_job
 
 RECORD = "domain_gap.json"
 FIGURE = "domain_gap_tsne.png"
@@ -65,7 +67,10 @@ def features(method, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 def accuracies(job: Path, test_env: int) -> dict:
     from results.kind_domainbed import in_domain_accuracy
-    last = read_jsonl(job / "results.jsonl")[-1]
+    records, damage = read_domainbed_job(job, finished=True)
+    if damage is not None:
+        raise ValueError(f"{damage}: job left out as incomplete")
+    last = records[-1]
     return {"test_acc": last.get(f"env{test_env}_in_acc"),
             "in_domain_acc": in_domain_accuracy(last), "step": last.get("step")}
 
@@ -76,7 +81,7 @@ def analyse(job: Path, images_per_domain: int, zero_shot_cache: dict) -> dict:
     from algorithms import backbone
     from algorithms.core.registry import get_method, methods
     a_distance, tsne = tllib_analysis()
-    saved = torch.load(job / "model.pkl", map_location="cpu", weights_only=True)
+    saved = backbone.load_checkpoint(job / "model.pkl", "cpu", "DomainBed model.pkl")
     args, hparams = saved["args"], dict(saved["model_hparams"])
     if args["algorithm"] not in methods():
         raise ValueError(f"{job}: {args['algorithm']} is not a harness algorithm")
@@ -132,17 +137,20 @@ def main(argv=None) -> int:
         print(f"domain_gap: no finished DomainBed job (done + model.pkl) under "
               f"{', '.join(args.dirs)}", file=sys.stderr)
         return 2
-    cache, failed = {}, 0
+    cache, failed = {}, []
     for job in tqdm(jobs, desc="domain gap", unit="job"):
         try:
             analyse(job, args.images_per_domain, cache)
         except (ValueError, OSError, KeyError) as e:
-            failed += 1
-            print(f"domain_gap: {job}: {str(e).splitlines()[0]}", file=sys.stderr)
+            failed.append(f"{job}: {cli.one_line(e)}")
+            print(f"domain_gap: {failed[-1]}", file=sys.stderr)
     from results import collect
     collect.main([*args.dirs, *(["--out", args.out] if args.out else []), "--no-figures"])
+    if failed:  # the last line says so, after the collector's output
+        print(f"domain_gap: error: {len(failed)} of {len(jobs)} job(s) not analysed; first: "
+              f"{failed[0]}", file=sys.stderr)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

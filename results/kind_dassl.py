@@ -18,18 +18,22 @@ cross-dataset and DG (rows trainers, columns datasets). Cells are mean ± std ov
 base and mean new accuracy, and the average row's HM that of the averaged base and new
 (as the published tables). Rows are trainers (a trainer's runs with several shot
 counts are pooled, with a note). Only `split == "test"` results are tabulated. A run
-folder with a Dassl log but no results.json is counted as unfinished.
+folder with a Dassl log but no results.json is counted as unfinished; one whose
+results.json is damaged (truncated, corrupt, a dassl record without the fields above:
+results/records.py) is left out as incomplete, never scored, and named (file and line)
+in a warning and in the notes of every Dassl table.
 """
 from __future__ import annotations
 
 import collections
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from results import reference
 from results.kinds import Kind, register
-from common.files import read_json
+from results.records import Damage, read_json
 from results.tables import Cell, Table, harmonic_mean, mean_std
 
 IMAGENET = "ImageNet"
@@ -58,6 +62,7 @@ class Runs:
     runs: list[Run] = field(default_factory=list)
     unfinished: int = 0
     other_splits: int = 0
+    damaged: list[Damage] = field(default_factory=list)  # runs left out as incomplete
 
     def __bool__(self):
         return bool(self.runs)
@@ -78,35 +83,63 @@ def protocol_of(record) -> str:
     return "fewshot" if shots > 0 else "xd"
 
 
-def to_run(record, path) -> Run | None:
-    """A Run from a dassl record, or None (with a warning when it is malformed)."""
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def run_problem(record) -> str | None:
+    """Why a dassl record cannot be tabulated (None: it can)."""
     missing = [k for k in REQUIRED if k not in record]
-    accuracy = record.get("metrics", {}).get("accuracy") if isinstance(
-        record.get("metrics"), dict) else None
-    if missing or accuracy is None:
-        warnings.warn(f"{path}: skipping a dassl record without "
-                      f"{', '.join(missing) or 'metrics.accuracy'}")
-        return None
+    metrics = record.get("metrics")
+    if not missing and not (isinstance(metrics, dict) and "accuracy" in metrics):
+        missing.append("metrics.accuracy")
+    if missing:
+        return f"a dassl record without {', '.join(missing)}"
+    bad = [k for k in ("trainer", "dataset", "subsample_classes") if not isinstance(record[k], str)]
+    bad += [] if _integer(record["seed"]) else ["seed"]
+    bad += [] if record.get("num_shots") is None or _integer(record["num_shots"]) else ["num_shots"]
+    accuracy = metrics["accuracy"]
+    if not (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool)
+            and math.isfinite(accuracy) and 0 <= accuracy <= 100):
+        bad.append("metrics.accuracy")
+    return f"a dassl record with an invalid {', '.join(bad)}" if bad else None
+
+
+def to_run(record, path) -> Run:
     return Run(record["trainer"], record["dataset"], record["subsample_classes"],
                int(record.get("num_shots") or -1), int(record["seed"]), protocol_of(record),
-               float(accuracy), str(path))
+               float(record["metrics"]["accuracy"]), str(path))
 
 
 def load_runs(paths) -> Runs:
     runs, seen = Runs(), {}
     json_dirs = {Path(p).parent for p in paths if Path(p).name == "results.json"}
-    runs.unfinished = len({Path(p).parent for p in paths if Path(p).name.startswith("log.txt")}
-                          - json_dirs)
+    log_dirs = {Path(p).parent for p in paths if Path(p).name.startswith("log.txt")}
+    runs.unfinished = len(log_dirs - json_dirs)
     for path in (p for p in paths if Path(p).name == "results.json"):
-        record = read_json(path)
-        if not isinstance(record, dict) or record.get("kind") != "dassl":
-            continue  # another kind's results.json
-        if record.get("split", "test") != "test":
+        record, damage = read_json(path)
+        if damage is None and not isinstance(record, dict):
+            record, damage = None, Damage(Path(path), None, "not a record (a JSON "
+                                          f"{type(record).__name__})")
+        in_run = Path(path).parent in log_dirs  # a Dassl run folder: its results.json is ours
+        if damage is None and record.get("kind") != "dassl":
+            if not in_run:
+                continue  # another kind's results.json
+            record, damage = None, Damage(Path(path), None, "not a dassl record (kind "
+                                          f"{record.get('kind')!r})")
+        if damage is None and record.get("split", "test") != "test":
             runs.other_splits += 1
             continue
-        run = to_run(record, path)
-        if run is None:
+        if damage is None and run_problem(record):
+            damage = Damage(Path(path), None, run_problem(record))
+        if damage is not None:
+            if in_run or record is not None:  # a Dassl run's record
+                runs.damaged.append(damage)
+                warnings.warn(f"{damage}: Dassl run left out as incomplete")
+            else:
+                warnings.warn(f"{damage}: skipped (no Dassl log beside it)")
             continue
+        run = to_run(record, path)
         key = (run.trainer, run.dataset, run.subsample, run.shots, run.seed, run.protocol)
         if key in seen:
             warnings.warn(f"{path}: same run as {seen[key]}; keeping the first")
@@ -210,6 +243,10 @@ def unfinished_notes(runs: Runs) -> list[str]:
                      "(unfinished) left out.")
     if runs.other_splits:
         notes.append(f"{runs.other_splits} result(s) on a split other than test left out.")
+    if runs.damaged:
+        notes.append(f"{len(runs.damaged)} run(s) left out as incomplete, their results.json "
+                     "damaged: " + "; ".join(f"{d.where(short=True)} ({d.reason})"
+                                             for d in runs.damaged) + ".")
     return notes
 
 

@@ -1,9 +1,12 @@
 """DomainBed sweeps: folders of job dirs, each with results.jsonl (one record per
 checkpoint) and a `done` marker when the job finished.
 
-Loading is ours and forgiving: a job without `done` is left out and counted (its cells
-show "—", never 0), a truncated or corrupt line or a record without the keys model
-selection needs is skipped with a warning naming file and line. The numbers are
+Loading is ours and strict about what it scores: a job without `done` is left out and
+counted (its cells show "—", never 0); a finished job whose results.jsonl is damaged (a
+truncated or corrupt line, a record without the keys model selection needs, a doubled
+record, records cut off before the last step: results/records.py) is left out too, as
+incomplete, never scored on its remaining lines: one warning and a note under each of
+its tables name the file and the line. The numbers are
 upstream's: records are grouped by `domainbed.lib.reporting.get_grouped_records`
 ((trial_seed, dataset, algorithm, test_env); inside, the selection methods group by
 hparams_seed) and each selection method of `domainbed.model_selection` picks the test
@@ -30,14 +33,13 @@ import numpy as np
 
 from results import reference
 from results.kinds import Kind, register
-from common.files import read_jsonl
+from results.records import Damage, dataset_of, read_domainbed_job
 from results.tables import Cell, Table, mean_se
 
 # (file-name tag, DomainBed selection method): upstream's three default methods
 SELECTIONS = (("iid", "IIDAccuracySelectionMethod"),
               ("loo", "LeaveOneOutSelectionMethod"),
               ("oracle", "OracleSelectionMethod"))
-REQUIRED_ARGS = ("algorithm", "dataset", "test_envs", "hparams_seed", "trial_seed")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Sweep:
     records: list = field(default_factory=list)   # records of finished jobs
     unfinished: collections.Counter = field(default_factory=collections.Counter)  # dataset -> jobs
     finished_jobs: int = 0
+    damaged: list = field(default_factory=list)   # (dataset, Damage) of finished jobs left out
 
     def __bool__(self):
         return bool(self.records)
@@ -61,43 +64,28 @@ def job_dirs(paths) -> list[Path]:
     return sorted(jobs)
 
 
-def valid(record, where) -> bool:
-    """True when model selection can use the record; else warn and return False."""
-    if not isinstance(record, dict):
-        record = {}
-    args = record.get("args")
-    missing = [k for k in REQUIRED_ARGS if not isinstance(args, dict) or k not in args]
-    if "step" not in record or "env0_in_acc" not in record:
-        missing.append("step/env*_acc")
-    if missing:
-        warnings.warn(f"{where}: skipping a record without {', '.join(missing)}")
-    return not missing
-
-
-def load_job(job: Path) -> list:
-    path = job / "results.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line_no, record in enumerate(read_jsonl(path), start=1):
-        if valid(record, f"{path} (record {line_no})"):
-            records.append(record)
-    return records
+def load_job(job: Path, finished: bool = True) -> tuple[list, Damage | None]:
+    """(records, damage) of a job folder (results/records.py)."""
+    return read_domainbed_job(job, finished)
 
 
 def load_sweep(paths) -> Sweep:
     sweep = Sweep()
     for job in job_dirs(paths):
-        records = load_job(job)
-        if (job / "done").exists():
+        finished = (job / "done").exists()
+        records, damage = load_job(job, finished)
+        if finished and damage is None:
             sweep.records += records
             sweep.finished_jobs += 1
-        elif records or (job / "out.txt").exists() or (job / "err.txt").exists():
+        elif finished:
+            sweep.damaged.append((dataset_of(job), damage))
+            warnings.warn(f"{damage}: finished DomainBed job left out as incomplete")
+        elif records or damage or (job / "out.txt").exists() or (job / "err.txt").exists():
             dataset = records[0]["args"]["dataset"] if records else "?"
             sweep.unfinished[dataset] += 1
-    if not sweep.records and sweep.unfinished:
-        warnings.warn(f"{sum(sweep.unfinished.values())} DomainBed job(s) found, none finished "
-                      "(no `done`)")
+    if not sweep.records and (sweep.unfinished or sweep.damaged):
+        warnings.warn(f"{sum(sweep.unfinished.values()) + len(sweep.damaged)} DomainBed "
+                      "job(s) found, none finished with whole records")
     return sweep
 
 
@@ -257,6 +245,23 @@ def open_world_table(tag, method, dataset, algorithms, base_accs, open_accs, n_e
     return table
 
 
+OPEN_METRIC_COLUMNS = {"base": "base", "open": "open", "hm": "HM"}  # a `total` has no column
+
+
+def attach_open_world(table, refs) -> None:
+    """Published domain + class shift rows (results/reference/domainbed_open.csv) in an
+    open-world table: a ref lands in `<domain> base|open|HM` (`Avg ...` for domain `Avg`)."""
+    def column(ref):
+        part = OPEN_METRIC_COLUMNS.get(ref.metric)
+        return part and f"{ref.domain} {part}"
+    before = len(table.rows)
+    reference.attach(table, refs, column)
+    if len(table.rows) > before:
+        table.notes.append("Published rows: their paper's own training budget, without "
+                           "DomainBed's model selection; — where the paper prints no number "
+                           "(e.g. no HM).")
+
+
 def percent(mean, err):
     return (None, None) if mean is None else (100 * mean, 100 * err)
 
@@ -303,6 +308,11 @@ def common_notes(sweep: Sweep, datasets, tag, accs) -> list[str]:
     unfinished = sum(sweep.unfinished[d] for d in datasets)
     if unfinished:
         notes.append(f"{unfinished} unfinished job(s) (no `done`) left out.")
+    damaged = [damage for dataset, damage in sweep.damaged if dataset in datasets]
+    if damaged:
+        notes.append(f"{len(damaged)} finished job(s) left out as incomplete, their "
+                     f"results.jsonl damaged: " + "; ".join(
+                         f"{d.where(short=True)} ({d.reason})" for d in damaged) + ".")
     if tag == "loo" and not accs:
         notes.append("Leave-one-domain-out needs runs with two test domains "
                      "(a sweep without --single_test_envs).")
@@ -331,6 +341,7 @@ class DomainBed(Kind):
         datasets = sorted({r["args"]["dataset"] for r in sweep.records})
         n_envs = {d: n_envs_of([r for r in sweep.records if r["args"]["dataset"] == d])
                   for d in datasets}
+        open_refs = reference.select(refs, protocol="domainbed_open")
         refs = reference.select(refs, protocol="domainbed")
         tables = []
         for tag, method_name in SELECTIONS:
@@ -350,8 +361,7 @@ class DomainBed(Kind):
                     table = open_world_table(tag, method, dataset, algorithms, accs, open_accs,
                                              n_envs[dataset])
                     table.notes += common_notes(sweep, [dataset], tag, accs)
-                    reference.attach(table, reference.select(refs, dataset=dataset),
-                                     lambda ref: ref.domain)
+                    attach_open_world(table, reference.select(open_refs, dataset=dataset))
                     tables.append(table)
             algorithms = sorted({r["args"]["algorithm"] for r in sweep.records})
             if tag == "iid":

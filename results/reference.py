@@ -1,12 +1,15 @@
 """Published reference numbers (results/reference/*.csv) and the rows they add to tables.
 
 Every CSV has the columns of `Ref`:
-- protocol: `domainbed`, `base2new`, `xd` (cross-dataset) or `dg` (ImageNet variants);
-- dataset: DomainBed's dataset name, or CoOp's `DATASET.NAME` (`OxfordFlowers`,
-  `DescribableTextures`, ...); `Average` for a published average over datasets;
+- protocol: `domainbed`, `domainbed_open` (domain + class shift, the harness's `<Name>Open`
+  datasets), `base2new`, `xd` (cross-dataset) or `dg` (ImageNet variants);
+- dataset: DomainBed's dataset name (`OfficeHomeOpen`, ... for `domainbed_open`), or CoOp's
+  `DATASET.NAME` (`OxfordFlowers`, `DescribableTextures`, ...); `Average` for a published
+  average over datasets;
 - domain: DomainBed's environment name (`C`, `L`, ... as in its ENVIRONMENTS) or `Avg`
   (average over test domains); `source` for the ImageNet column of xd/dg; else empty;
-- metric: `accuracy`, or `base` / `new` / `hm` for base-to-new;
+- metric: `accuracy`, or `base` / `new` / `hm` for base-to-new, `base` / `open` / `hm` /
+  `total` (every test-domain image) for domain + class shift;
 - method: the published name; key: the harness's method name it corresponds to (a row
   of that name gets a delta against it); backbone: the paper's backbone;
 - value, err: in %, err empty when not published;

@@ -10,6 +10,10 @@ THIRD_PARTY = REPO / "third_party"
 TINY = {"clip_model": "tiny-vit", "clip_pretrained": "", "templates": "photo"}
 
 os.environ.setdefault("CLIPBENCH_NUM_WORKERS", "0")
+# the tests' feature-cache entries go to a folder of their own, not data/feature_cache
+if "CLIPBENCH_CACHE" not in os.environ:
+    import tempfile
+    os.environ["CLIPBENCH_CACHE"] = tempfile.mkdtemp(prefix="clipbench-test-cache-")
 
 
 def upstream_missing(name: str, module: str):

@@ -10,6 +10,12 @@ CLASSES = ["circle", "square", "star"]
 
 @needs_domainbed
 @needs_coop
+
+def fake_dataset(classnames):
+    """What build_model reads of a Dassl dataset: class names and one training item each."""
+    items = [types.SimpleNamespace(label=i) for i in range(len(classnames))]
+    return types.SimpleNamespace(classnames=classnames, train_x=items, val=None, test=None)
+
 def test_domainbed_and_dassl_give_the_same_logits(tmp_path, tiny_clip):
     import dassl.config
     from dassl.engine.trainer import TrainerBase
@@ -41,12 +47,15 @@ def test_domainbed_and_dassl_give_the_same_logits(tmp_path, tiny_clip):
     TrainerBase.__init__(trainer)
     trainer.cfg, trainer.device, trainer.max_epoch = cfg, torch.device("cpu"), 1
     trainer.train_loader_x = [None] * 5000
-    trainer.dm = types.SimpleNamespace(dataset=types.SimpleNamespace(classnames=CLASSES))
+    trainer.dm = types.SimpleNamespace(dataset=fake_dataset(CLASSES))
+    trainer.num_classes = len(CLASSES)
     trainer.build_model()
 
-    shared = {k: hparams[k] for k in domainbed_algorithm.method_cls.hparams()}
+    # precision: DomainBed's record holds the resolved name, Dassl's hparams the request
+    shared = {k: hparams[k] for k in domainbed_algorithm.method_cls.hparams() if k != "precision"}
     dassl_hparams = {k: trainer.model.hp[k] for k in shared}
     assert dassl_hparams == {**shared, "batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE}
+    assert trainer.model.precision == domainbed_algorithm.method.precision == "fp32"  # CPU
     trainer.model.load_state_dict(domainbed_algorithm.method.state_dict())
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -68,6 +77,7 @@ def test_dassl_prompts_class_names_as_coops_trainers_do():
     trainer.cfg, trainer.device, trainer.max_epoch = cfg, torch.device("cpu"), 1
     trainer.train_loader_x = [None]
     names = ["american_bulldog", "t-shirt", "Abyssinian"]
-    trainer.dm = types.SimpleNamespace(dataset=types.SimpleNamespace(classnames=names))
+    trainer.dm = types.SimpleNamespace(dataset=fake_dataset(names))
+    trainer.num_classes = len(names)
     trainer.build_model()
     assert trainer.model.classnames == ["american bulldog", "t-shirt", "Abyssinian"]

@@ -118,9 +118,37 @@ def test_bad_records_unfinished_runs_and_other_splits(tmp_path):
     (running / "log.txt").write_text("epoch 1 ...")
     with pytest.warns(UserWarning) as caught:
         runs, tables = make_tables(tmp_path)
-    messages = " ".join(str(w.message) for w in caught)
-    assert f"{broken / 'results.json'}: skipping a corrupt record" in messages
-    assert f"{no_metric / 'results.json'}: skipping a dassl record without" in messages
+    messages = [str(w.message) for w in caught]
+    assert (f"{broken / 'results.json'}:1: truncated or corrupt record (Expecting value): "
+            "Dassl run left out as incomplete") in messages
+    assert (f"{no_metric / 'results.json'}: a dassl record without dataset, subsample_classes, seed, "
+            "metrics: Dassl run left out as incomplete") in messages
     assert len(runs.runs) == 1 and runs.unfinished == 1 and runs.other_splits == 1
+    assert len(runs.damaged) == 2
     notes = tables["dassl_base2new_OxfordPets"].notes
     assert any("1 run folder(s) with a log but no results.json" in n for n in notes)
+    assert any(n.startswith("2 run(s) left out as incomplete") and "seed1/results.json:1" in n
+               for n in notes)
+
+
+def test_a_damaged_seed_leaves_the_run_out_instead_of_averaging_the_others(tmp_path):
+    """Seeds 1-3 at 90/92/94: a corrupt seed-3 record must not turn the cell into the
+    mean of seeds 1-2 silently; the run is reported, by file and line."""
+    for seed, acc in ((1, 90.0), (2, 92.0), (3, 94.0)):
+        run = write_run(tmp_path, "CoOp", "OxfordPets", "base", seed, acc)
+        write_run(tmp_path, "CoOp", "OxfordPets", "new", seed, 96.0)
+    whole = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps(whole, indent=1)[:-40])  # cut inside line 9+
+    with pytest.warns(UserWarning, match=r"seed3/results.json:\d+: truncated or corrupt record"):
+        runs, tables = make_tables(tmp_path)
+    table = tables["dassl_base2new_OxfordPets"]
+    assert cell(table, "CoOp", "Base").n == 2  # seeds 1 and 2 only, and said so:
+    assert any("1 run(s) left out as incomplete" in n and "seed3/results.json:" in n
+               for n in table.notes)
+    for garbage in (b"\xff\xfe{", b"[1, 2]", b'{"kind": "dassl", "trainer": "CoOp", '
+                    b'"dataset": "OxfordPets", "subsample_classes": "base", "seed": "x", '
+                    b'"metrics": {"accuracy": "high"}}'):
+        (run / "results.json").write_bytes(garbage)
+        with pytest.warns(UserWarning, match="left out as incomplete"):
+            runs, _ = make_tables(tmp_path)
+        assert len(runs.runs) == 5 and len(runs.damaged) == 1, garbage

@@ -3,6 +3,8 @@
 and against `python -m domainbed.scripts.collect_results`."""
 import json
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +31,8 @@ def make_job(sweep, algorithm, test_envs, trial_seed, hparams_seed, steps, datas
                            "hparams_seed": hparams_seed, "trial_seed": trial_seed,
                            "holdout_fraction": 0.2, "task": "domain_generalization",
                            "hparams": json.dumps({"lr": 1e-5 * (hparams_seed + 1)}),
-                           "output_dir": str(job), "seed": 1234, "steps": len(steps)},
+                           "output_dir": str(job), "seed": 1234, "checkpoint_freq": 100,
+                           "steps": (len(steps) - 1) * 100 + 1},  # the last record is the last step
                   "hparams": {"lr": 1e-5 * (hparams_seed + 1), "clip_model": "tiny-vit"},
                   "step": step * 100, "epoch": float(step), "mem_gb": 0.1, "step_time": 0.1}
         for env, (acc_in, acc_out) in accs.items():
@@ -83,17 +86,44 @@ def test_unfinished_jobs_are_left_out_and_counted(tmp_path):
     assert sweep.unfinished == {"PACS": 1, "?": 1}
 
 
-def test_truncated_and_malformed_lines_are_skipped_with_file_and_line(tmp_path):
-    job = make_job(tmp_path, "ZSCLIP", [0], 0, 0, [{0: (0.5, 0.5), 1: (0.6, 0.6)}] * 2,
-                   truncate=True)
-    with open(job / "results.jsonl", "a") as f:
-        f.write('\n{"args": {"algorithm": "ZSCLIP"}, "step": 5}\n')
+def test_a_finished_job_with_a_damaged_line_is_left_out_whole_naming_file_and_line(tmp_path):
+    intact = make_job(tmp_path, "ZSCLIP", [0], 0, 0, [{0: (0.5, 0.5), 1: (0.6, 0.6)}] * 2)
+    truncated = make_job(tmp_path, "ZSCLIP", [0], 1, 0, [{0: (0.9, 0.9), 1: (0.9, 0.9)}] * 2,
+                         truncate=True)
+    malformed = make_job(tmp_path, "ZSCLIP", [0], 2, 0, [{0: (0.9, 0.9), 1: (0.9, 0.9)}] * 2)
+    lines = (malformed / "results.jsonl").read_text().splitlines()
+    (malformed / "results.jsonl").write_text(
+        "\n".join([lines[0], '{"args": {"algorithm": "ZSCLIP"}, "step": 5}', lines[1]]) + "\n")
     with pytest.warns(UserWarning) as caught:
-        sweep = load_sweep([job / "results.jsonl"])
+        sweep = load_sweep(sorted(tmp_path.rglob("results.jsonl")))
     messages = [str(w.message) for w in caught]
-    assert any(f"{job / 'results.jsonl'}:3: skipping a truncated" in m for m in messages)
-    assert any("(record 3): skipping a record without dataset" in m for m in messages)
-    assert len(sweep.records) == 2
+    assert (f"{truncated / 'results.jsonl'}:3: truncated record (the file ends inside it): "
+            "finished DomainBed job left out as incomplete") in messages
+    assert any(m.startswith(f"{malformed / 'results.jsonl'}:2: a record without dataset")
+               for m in messages)
+    assert sweep.finished_jobs == 1 and sweep.records == load_sweep([intact / "results.jsonl"]).records
+    assert [d.line for _, d in sweep.damaged] == [3, 2]
+
+
+def test_records_cut_at_a_line_boundary_or_doubled_are_damage(tmp_path):
+    """A finished job must end with its last step, once: a file cut after a whole line
+    (lost records) or a job rerun into the same folder (doubled records) is damaged."""
+    steps = [{0: (0.5, 0.5), 1: (0.6, 0.6)}] * 3
+    cut = make_job(tmp_path, "ZSCLIP", [0], 0, 0, steps)
+    lines = (cut / "results.jsonl").read_text().splitlines(keepends=True)
+    (cut / "results.jsonl").write_text("".join(lines[:2]))
+    doubled = make_job(tmp_path, "ZSCLIP", [0], 1, 0, steps)
+    (doubled / "results.jsonl").write_text("".join(lines * 2))
+    empty = make_job(tmp_path, "ZSCLIP", [0], 2, 0, steps)
+    (empty / "results.jsonl").write_text("")
+    with pytest.warns(UserWarning):
+        sweep = load_sweep(sorted(tmp_path.rglob("done")))
+    reasons = {d.path.parent: (d.line, d.reason) for _, d in sweep.damaged}
+    assert reasons[cut] == (3, "records end at step 100, the job's last step is 200 "
+                               "(records cut off)")
+    assert reasons[doubled] == (4, "step 0 after step 200 (a doubled or reordered record)")
+    assert reasons[empty] == (None, "no record, although the job finished (`done`)")
+    assert not sweep.records and sweep.finished_jobs == 0
 
 
 def test_env_names_come_from_upstream_source_or_fall_back():
@@ -199,15 +229,17 @@ def harness_text(table, column):
 @needs_domainbed
 def test_agrees_with_upstream_collect_results(tmp_path):
     sweep_dir = random_sweep(tmp_path / "sweep")
-    # a truncated last line in one job (upstream runs with the harness's tolerant loader)
+    # a truncated last line in one job: both collectors leave that job out
     job = next(sweep_dir.iterdir())
     with open(job / "results.jsonl", "a") as f:
         f.write('{"args": {"algorithm"')
     proc = run([PY, "-m", "domainbed.scripts.collect_results", "--input_dir", str(sweep_dir)],
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (f"collect_results: {job / 'results.jsonl'}:4: truncated record (the file ends "
+            "inside it): job left out (incomplete)") in proc.stderr.splitlines()
     upstream = parse_collect_results(proc.stdout)
-    with pytest.warns(UserWarning, match="skipping a truncated"):
+    with pytest.warns(UserWarning, match=rf"{job.name}/results.jsonl:4: truncated record"):
         _, tables = tables_by_name(sweep_dir)
     from domainbed import model_selection
     tags = {getattr(model_selection, name).name: tag for tag, name in kind_domainbed.SELECTIONS}
@@ -219,3 +251,82 @@ def test_agrees_with_upstream_collect_results(tmp_path):
     # 3 selections x (PACS: 2 algorithms x 5 columns + Averages: 2 x 2)
     assert compared == 3 * (2 * 5 + 2 * 2)
     assert "X" not in upstream.values()  # leave-one-out had its pairs: all cells compared
+
+
+# --- a real finished job (DomainBed's train.py on the generated world) ----------------
+
+@pytest.fixture(scope="module")
+def clipft_sweep(small_world, tmp_path_factory):
+    """A sweep folder with one real finished CLIPFT job (tiny CLIP, 2 steps, a record
+    per step) as trial 0 and its copy, relabelled, as trial 1."""
+    sweep = tmp_path_factory.mktemp("clipft_sweep")
+    job = sweep / "job_t0"
+    hparams = {"clip_model": "tiny-vit", "clip_pretrained": "", "batch_size": 8}
+    proc = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "CLIPFT",
+                "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
+                "--test_envs", "0", "--steps", "2", "--checkpoint_freq", "1",
+                "--skip_model_save", "--output_dir", str(job), "--hparams", json.dumps(hparams)],
+               cwd=sweep, env={"CLIPBENCH_NUM_WORKERS": "0"})
+    assert proc.returncode == 0 and (job / "done").exists(), (proc.stdout + proc.stderr)[-3000:]
+    copy = sweep / "job_t1"
+    shutil.copytree(job, copy)
+    records = [json.loads(line) for line in (job / "results.jsonl").read_text().splitlines()]
+    for record in records:
+        record["args"].update(trial_seed=1, output_dir=str(copy))
+    (copy / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return sweep
+
+
+def damage(results: Path, how: str) -> int:
+    """Damage a results.jsonl; return the line a reader must name."""
+    lines = results.read_text().splitlines(keepends=True)
+    if how == "truncated":    # killed while writing its last line
+        results.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+        return len(lines)
+    if how == "cut":          # the last line lost whole: the last step is missing
+        results.write_text("".join(lines[:-1]))
+        return len(lines)
+    results.write_text("\x00\x7fgarbage\n" + "".join(lines))  # a corrupt line
+    return 1
+
+
+@needs_domainbed
+@pytest.mark.parametrize("how", ["truncated", "cut", "garbage"])
+def test_real_job_with_a_damaged_record_is_shown_incomplete(clipft_sweep, tmp_path, how):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(clipft_sweep, sweep)
+    only_t0 = tmp_path / "only_t0"
+    shutil.copytree(clipft_sweep / "job_t0", only_t0 / "job_t0")
+    _, before = tables_by_name(sweep)
+    name = "domainbed_iid_CLIPWorld"
+    test_domain = before[name].columns[0]
+    assert cell(before[name], "CLIPFT", test_domain).n == 2
+
+    line = damage(sweep / "job_t1" / "results.jsonl", how)
+    with pytest.warns(UserWarning, match=rf"job_t1/results.jsonl:{line}: .*left out as incomplete"):
+        loaded, after = tables_by_name(sweep)
+    damaged = cell(after[name], "CLIPFT", test_domain)
+    intact = cell(tables_by_name(only_t0)[1][name], "CLIPFT", test_domain)
+    assert damaged.n == 1 and damaged.mean == intact.mean  # never scored on what is left
+    assert loaded.finished_jobs == 1 and len(loaded.damaged) == 1
+    assert any(note.startswith("1 finished job(s) left out as incomplete") and
+               f"job_t1/results.jsonl:{line} (" in note for note in after[name].notes)
+
+
+@needs_domainbed
+def test_collect_results_through_the_harness_leaves_a_damaged_job_out(clipft_sweep, tmp_path):
+    """Upstream's collect_results prints what it prints for the sweep without the damaged
+    job, plus one line on stderr naming file and line."""
+    sweep, only_t0 = tmp_path / "sweep", tmp_path / "only_t0"
+    shutil.copytree(clipft_sweep, sweep)
+    shutil.copytree(clipft_sweep / "job_t0", only_t0 / "job_t0")
+    line = damage(sweep / "job_t1" / "results.jsonl", "truncated")
+    damaged = run([PY, "-m", "domainbed.scripts.collect_results", "--input_dir", str(sweep)],
+                  cwd=tmp_path)
+    reference_run = run([PY, "-m", "domainbed.scripts.collect_results", "--input_dir",
+                         str(only_t0)], cwd=tmp_path)
+    assert damaged.returncode == 0 and reference_run.returncode == 0, damaged.stderr[-2000:]
+    assert damaged.stdout == reference_run.stdout and "CLIPFT" in damaged.stdout
+    named = [l for l in damaged.stderr.splitlines() if "results.jsonl" in l]
+    assert named == [f"collect_results: {sweep / 'job_t1' / 'results.jsonl'}:{line}: truncated "
+                     "record (the file ends inside it): job left out (incomplete)"]

@@ -19,7 +19,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from common import env
+from common import cli, env
 
 COOP_DIR = env.coop_dir()
 CLASHING_PACKAGES = ("trainers", "datasets", "clip")
@@ -44,10 +44,12 @@ def prepare() -> Path:
 
     from trainers import dassl_adapter
     dassl_adapter.register_trainers()
+    dassl_adapter.name_unreadable_files()
     from clipworld import dassl_dataset
     dassl_dataset.register()
     write_results_for_every_trainer(dassl_adapter.CLIPMethodTrainer)
     fix_warmup_schedulers()
+    atomic_checkpoints()
     upstream_defaults = dassl.config.get_cfg_default
 
     def get_cfg_default():
@@ -61,6 +63,7 @@ def prepare() -> Path:
         if name.split(".")[0] in CLASHING_PACKAGES:
             del sys.modules[name]
     sys.path.insert(0, str(COOP_DIR))
+    dassl_adapter.refuse_pickled_code_in_coop_caches()
     if os.environ.get(OPENAI_CLIP_DIR_ENV):
         use_local_openai_clip(os.environ[OPENAI_CLIP_DIR_ENV])
     return train_py
@@ -120,6 +123,42 @@ def fix_warmup_schedulers() -> None:
     base.state_dict, base.load_state_dict = state_dict, load_state_dict
 
 
+def atomic_checkpoints() -> None:
+    """Dassl's save_checkpoint writes model.pth.tar-<epoch>, the `checkpoint` file naming
+    it (what Dassl resumes from) and model-best.pth.tar in place: a run killed while
+    saving leaves half a checkpoint that a resume or --load-epoch would then read. Here
+    each is written to a temporary name beside it and renamed (common/files.py), the
+    `checkpoint` file last; what is printed is unchanged."""
+    import shutil
+    from collections import OrderedDict
+
+    import torch
+    from dassl.engine import trainer as dassl_trainer
+    from dassl.utils import torchtools
+
+    from common.files import atomic_path, write_atomic, write_text_atomic
+
+    def save_checkpoint(state, save_dir, is_best=False, remove_module_from_keys=True,
+                        model_name=""):
+        os.makedirs(save_dir, exist_ok=True)
+        if remove_module_from_keys:
+            state["state_dict"] = OrderedDict((k[7:] if k.startswith("module.") else k, v)
+                                              for k, v in state["state_dict"].items())
+        fpath = os.path.join(save_dir, model_name or f"model.pth.tar-{state['epoch']}")
+        with atomic_path(fpath) as tmp:
+            torch.save(state, tmp)
+        print(f"Checkpoint saved to {fpath}")
+        if is_best:
+            best = os.path.join(os.path.dirname(fpath), "model-best.pth.tar")
+            write_atomic(best, lambda tmp: shutil.copyfile(fpath, tmp))
+            print(f'Best checkpoint saved to "{best}"')
+        write_text_atomic(os.path.join(save_dir, "checkpoint"), f"{os.path.basename(fpath)}\n")
+
+    save_checkpoint.__wrapped__ = getattr(torchtools.save_checkpoint, "__wrapped__",
+                                          torchtools.save_checkpoint)
+    torchtools.save_checkpoint = dassl_trainer.save_checkpoint = save_checkpoint
+
+
 def use_local_openai_clip(directory) -> None:
     """Make CoOp's `clip._download(url)` return `<directory>/<basename of url>` (the name
     OpenAI's download has: ViT-B-16.pt, RN50.pt, ...) instead of downloading to
@@ -160,10 +199,10 @@ def main(argv) -> int:
     try:
         runpy.run_path(str(train_py), run_name="__main__")
     except (FileNotFoundError, KeyError, ValueError, AssertionError, OSError,
-            pickle.UnpicklingError) as e:
+            pickle.UnpicklingError, FloatingPointError) as e:
         if env.flag(env.TRACEBACK):
             raise
-        where = f"{type(e).__name__}: {e}".splitlines()[0]
+        where = cli.one_line(e)
         print(f"train_coop.py: error: {where} ({env.TRACEBACK}=1 shows the traceback)",
               file=sys.stderr)
         return 1

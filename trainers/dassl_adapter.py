@@ -20,12 +20,12 @@ import random
 import sys
 
 import torch
-import yaml
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from yacs.config import CfgNode as CN
 
 from algorithms import backbone
-from algorithms.core import registry, selection
+from algorithms.core import nonfinite, registry, selection
+from common import cli
 from common.files import write_json_atomic
 from common.paths import TRAINER_CONFIGS
 
@@ -55,8 +55,7 @@ def add_method_configs(cfg) -> None:
 
 
 def merge_method_defaults(cfg, name: str, path) -> None:
-    with open(path) as f:
-        content = yaml.safe_load(f) or {}
+    content = cli.read_yaml_mapping(path, f"{name}'s Dassl defaults")
     allowed = {"TRAINER": {name.upper()}}
     if set(content) - set(allowed) or set(content.get("TRAINER", {})) - allowed["TRAINER"]:
         raise ValueError(f"{path}: a method's file may only set TRAINER.{name.upper()}.*")
@@ -118,11 +117,22 @@ def test_and_write_record(trainer, run_test, split=None, selection=None):
         "backbone": getattr(getattr(trainer, "model", None), "hp", {}).get(
             "clip_model", cfg.MODEL.BACKBONE.NAME),
         "metrics": {k: float(v) for k, v in metrics.items()},
+        "precision": run_precision(trainer),
     }
     if selection:
         record["selection"] = selection
     write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), record)
     return first
+
+
+def run_precision(trainer):
+    """The precision the run's model ran at: a harness method's resolved `precision`
+    (bf16 | fp16 | fp32), else CoOp's TRAINER.<NAME>.PREC (fp16 | fp32 | amp), else None."""
+    resolved = getattr(getattr(trainer, "model", None), "precision", None)
+    if isinstance(resolved, str):
+        return resolved
+    node = trainer.cfg.TRAINER.get(str(trainer.cfg.TRAINER.NAME).upper())
+    return node.get("PREC") if node is not None else None
 
 
 class CLIPMethodTrainer(TrainerX):
@@ -139,8 +149,16 @@ class CLIPMethodTrainer(TrainerX):
         total_steps = max(1, self.max_epoch * len(self.train_loader_x))
         hparams = method_hparams(self.cfg, self.method_cls, total_steps)
         print(f"Building {self.method_cls.name} with {hparams}")
-        self.model = self.method_cls(prompt_classnames(self.dm.dataset.classnames), hparams,
-                                     device=self.device)
+        classnames, data = self.dm.dataset.classnames, self.dm.dataset
+        trained = {item.label for item in data.train_x}
+        labels = trained.union(range(self.num_classes),
+                               (item.label for item in (data.val or []) + (data.test or [])))
+        if labels - trained or len(classnames) != len(labels):
+            # Dassl names (and counts) only the classes of the training split
+            raise ValueError(f"{self.cfg.DATASET.NAME}: {len(classnames)} class names for "
+                             f"{len(labels)} classes: label(s) {sorted(labels - trained)[:10]} "
+                             f"have no training image (an empty class)")
+        self.model = self.method_cls(prompt_classnames(classnames), hparams, device=self.device)
         self.model.to(self.device)
         if self.method_cls.trains:
             # the method steps its own optimizer and per-step schedule
@@ -150,7 +168,13 @@ class CLIPMethodTrainer(TrainerX):
 
     def forward_backward(self, batch):
         images, labels = self.parse_batch_train(batch)
-        summary = self.model.update(images, labels)
+        try:
+            summary = self.model.update(images, labels)
+        except FloatingPointError:  # a non-finite loss: one line, no checkpoint, no results.json
+            step = self.epoch * self.num_batches + self.batch_idx
+            raise nonfinite.stopped(self.model, images, labels,
+                                    f"epoch {self.epoch + 1}, batch {self.batch_idx + 1} "
+                                    f"(step {step})") from None
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary
@@ -179,12 +203,14 @@ class CLIPMethodTrainer(TrainerX):
             path = os.path.join(directory, name, filename)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"no checkpoint at {path}")
+            checkpoint = backbone.load_checkpoint(path, self.device, f"{self.method_cls.name} "
+                                                                     f"checkpoint")
             try:
-                checkpoint = torch.load(path, map_location=self.device, weights_only=True)
                 self._models[name].load_state_dict(checkpoint["state_dict"])
-            except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
-                raise RuntimeError(f"cannot load {path} into {self.method_cls.name}: "
-                                   f"{str(e).strip().splitlines()[0]}") from None
+            except (RuntimeError, KeyError, TypeError) as e:
+                raise backbone.CheckpointError(
+                    f"cannot load {path} into {self.method_cls.name}: "
+                    f"{backbone.checkpoint_problem(e, self.method_cls.name)}") from None
             print(f"Loaded {path} (epoch {checkpoint.get('epoch')})")
 
     @torch.no_grad()
@@ -233,6 +259,87 @@ class CLIPMethodTrainer(TrainerX):
                                    batch_size=self.cfg.DATALOADER.TEST.BATCH_SIZE,
                                    tfm=self.test_loader.dataset.transform, is_train=False)
         return loader, "train_as_val"
+
+
+def name_unreadable_files() -> None:
+    """Dassl reads images, and CoOp its split files, with dassl.utils' read_image and
+    read_json, config files with yacs' merge_from_file, whose errors may not name the
+    file (PIL: 'image file is truncated'; json: 'Expecting value: line 1 column 1'; YAML:
+    '<unicode string>'): the same reads, with errors that do."""
+    import dassl.utils
+    from dassl.data import data_manager
+    if getattr(data_manager.read_image, "_clipbench", False):
+        return
+    upstream_image, upstream_json = data_manager.read_image, dassl.utils.read_json
+
+    def read_image(path):
+        try:
+            return upstream_image(path)
+        except (OSError, ValueError) as e:
+            raise OSError(f"cannot read image {path}: {cli.image_problem(path, e)}") from None
+
+    def read_json(path):
+        try:
+            return upstream_json(path)
+        except ValueError as e:
+            raise ValueError(f"{path}: malformed JSON ({e})") from None
+
+    upstream_merge = CN.merge_from_file
+
+    def merge_from_file(self, cfg_filename):
+        """yacs' merge, naming the file (PyYAML says '<unicode string>', yacs no file)."""
+        import yaml
+        try:
+            return upstream_merge(self, cfg_filename)
+        except yaml.YAMLError as e:
+            raise cli.InputError(f"{cfg_filename}: malformed YAML ({cli.yaml_problem(e)})") from None
+        except (KeyError, ValueError) as e:  # yacs: 'Non-existent config key: X', 'Type mismatch'
+            message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+            raise type(e)(f"{cfg_filename}: {message}") from None
+
+    read_image._clipbench = read_json._clipbench = True
+    data_manager.read_image = read_image
+    dassl.utils.read_json = dassl.utils.tools.read_json = read_json
+    CN.merge_from_file = merge_from_file
+
+
+class _DatumUnpickler(pickle.Unpickler):
+    """Rebuilds lists of Dassl Datum (what CoOp's cache files hold) and nothing else."""
+    ALLOWED = {("dassl.data.datasets.base_dataset", "Datum"), ("copyreg", "__newobj__"),
+               ("copyreg", "_reconstructor"), ("builtins", "object")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"{getattr(self, 'path', 'a CoOp cache file')}: refused: it holds pickled code or "
+            f"objects other than Dassl's Datum (GLOBAL {module}.{name}); CoOp's few-shot and "
+            f"preprocessed caches are read with an unpickler that never runs it (delete the "
+            f"file to have it rebuilt)")
+
+
+def _load_datums(file):
+    unpickler = _DatumUnpickler(file)
+    unpickler.path = getattr(file, "name", "a CoOp cache file")
+    return unpickler.load()
+
+
+def refuse_pickled_code_in_coop_caches() -> None:
+    """CoOp's datasets read their few-shot splits (split_fewshot/shot_N-seed_S.pkl) and
+    ImageNet's preprocessed.pkl with pickle.load, which runs any code such a file carries:
+    in each of CoOp's dataset modules `pickle.load` only rebuilds Datum lists. Call after
+    CoOp's `datasets` package is first on sys.path (coop_runner.prepare)."""
+    import importlib
+    import pkgutil
+    import types
+
+    import datasets  # CoOp's
+    safe = types.SimpleNamespace(load=_load_datums, dump=pickle.dump,
+                                 HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL)
+    for info in pkgutil.iter_modules(datasets.__path__):
+        module = importlib.import_module(f"datasets.{info.name}")
+        if getattr(module, "pickle", None) is pickle:
+            module.pickle = safe
 
 
 def register_trainers() -> None:

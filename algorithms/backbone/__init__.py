@@ -2,8 +2,9 @@
 `loading` (models and weights), `transforms` (CLIP preprocessing), `text` (templates,
 text classifiers), `taps` (attention taps, D-V branch, spatial tokens)."""
 from algorithms.backbone.loading import (CHECKPOINT_SUFFIXES, DEFAULT_MODEL,
-                                         DEFAULT_PRETRAINED, MODEL_CONFIG_DIR, image_size_of,
-                                         load_clip, register_model_configs,
+                                         DEFAULT_PRETRAINED, MODEL_CONFIG_DIR, CheckpointError,
+                                         check_model_name, checkpoint_problem, image_size_of,
+                                         load_checkpoint, load_clip, register_model_configs,
                                          tag_uses_quick_gelu)
 from algorithms.backbone.taps import (DV_MODES, ImageTaps, VisionTransformer,
                                       attention_pool_all_queries, encode_image_taps,
@@ -12,6 +13,7 @@ from algorithms.backbone.text import TEMPLATE_SETS, resolve_templates, text_clas
 from algorithms.backbone.transforms import clip_transform
 
 __all__ = ["CHECKPOINT_SUFFIXES", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "MODEL_CONFIG_DIR",
+           "CheckpointError", "check_model_name", "checkpoint_problem", "load_checkpoint",
            "image_size_of", "load_clip", "register_model_configs", "tag_uses_quick_gelu",
            "DV_MODES", "ImageTaps", "VisionTransformer", "attention_pool_all_queries",
            "encode_image_taps", "encode_image_tokens", "TEMPLATE_SETS", "resolve_templates",
