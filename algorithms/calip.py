@@ -52,7 +52,7 @@ The search itself (exact, vectorised): algorithms/calip_search.py.
 S0, S2, S3 and labels of a held-out set are kept in the shared feature cache
 (algorithms/core/feature_cache.py; $CLIPBENCH_CACHE, default data/feature_cache, `off`
 disables) under a key of the model, its weights (a hash of the parameters), class
-names, templates, attn_scale and the data (the adapters' data_key: dataset, split,
+names, templates, attn_scale, the precision and the data (the adapters' data_key: dataset, split,
 image list, transform); concurrent sweep jobs are safe.
 Formulas, defaults and deviations for users: docs/methods/calip.md.
 
@@ -157,8 +157,8 @@ class _CALIPBase(CLIPMethod):
     """Shared image side: normalised global feature and spatial tokens (frozen CLIP)."""
 
     def image_features(self, images: torch.Tensor):
-        with torch.no_grad():
-            pooled, spatial = backbone.encode_image_tokens(self.clip, images)
+        with torch.no_grad():  # the encoder at self.precision, the scores in fp32
+            pooled, spatial = self.run_encoder(backbone.encode_image_tokens, self.clip, images)
         return F.normalize(pooled, dim=-1), F.normalize(spatial, dim=-1)
 
 
@@ -225,7 +225,8 @@ class CALIP(_CALIPBase):
         return {"format": CACHE_FORMAT, "clip_model": self.hp["clip_model"],
                 "weights": self._weights_fingerprint, "classnames": self.classnames,
                 "templates": list(backbone.resolve_templates(self.hp["templates"])),
-                "attn_scale": float(self.hp["attn_scale"]), "data": data_key}
+                "attn_scale": float(self.hp["attn_scale"]), "precision": self.precision,
+                "data": data_key}
 
     @torch.no_grad()
     def held_out_scores(self, batches, data_key: Optional[dict] = None) -> Dict[str, torch.Tensor]:
@@ -297,7 +298,8 @@ class CALIPFS(_CALIPBase):
         return self.logit_scale * scores.combine(float(self.hp["beta2"]), float(self.hp["beta3"]))
 
     def update(self, images, labels):
-        loss = F.cross_entropy(self.forward_logits(images)[:, :self.train_classes], labels)
+        with self.fp32():
+            loss = F.cross_entropy(self.forward_logits(images)[:, :self.train_classes], labels)
         return {"loss": self.step(loss)}
 
     def predict(self, images):

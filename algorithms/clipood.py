@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.finetune import VisualFinetuner, finetune_hparams
-from algorithms.core.hparams import HParam, HParams
+from algorithms.core.hparams import HParam, HParams, uniform
 from algorithms.core.registry import register_method
 
 
@@ -34,7 +34,7 @@ def clipood_hparams(dataset: str | None = None, margin: float = 0.3,
     dataset, 12 images per source domain, 10 epochs x 500 steps (DomainNet 20), lr 5e-6
     (1e-5 OfficeHome, DomainNet), BMA beta 0.5."""
     hparams = finetune_hparams(dataset, batch_size=batch_size)
-    hparams["margin_alpha"] = HParam(margin, lambda r: float(r.uniform(0.1, 0.5)))
+    hparams["margin_alpha"] = uniform(margin, 0.1, 0.5)
     for name, value in IN_THE_WILD.get(dataset, {}).items():
         hparams[name] = HParam(value, hparams[name].sample)
     return hparams
@@ -49,7 +49,7 @@ class CLIPood(VisualFinetuner):
         return clipood_hparams(dataset)
 
     def loss(self, images, labels):
-        features = F.normalize(self.visual(images), dim=-1)
+        features = F.normalize(self.run_encoder(self.visual, images), dim=-1)
         logits = margin_logits(features, self.train_class_embeddings, labels,
                                self.hp["margin_alpha"], self.logit_scale)
         return F.cross_entropy(logits, labels), {}

@@ -1,6 +1,7 @@
 """Full fine-tuning of CLIP's image encoder against its frozen text classifier, the
 machinery CLIPood and AlignCLIP share (thuml/CLIPood main.py, engine.py):
-AdamW + cosine schedule over `total_steps`, the encoder kept in eval mode while it
+AdamW + cosine schedule over `total_steps`, the encoder forward at the method's
+`precision` and the loss in fp32 (algorithms/core/method.py), the encoder kept in eval mode while it
 trains (the reference's "Freeze all Norm Layers": BatchNorm statistics and dropout
 frozen, LayerNorm affine weights still train), and an optional Beta moving average
 (BMA) of the weights that is used for prediction. Baseline `CLIPFT`: cross-entropy.
@@ -107,7 +108,8 @@ class VisualFinetuner(CLIPMethod):
         raise NotImplementedError
 
     def update(self, images, labels) -> Dict[str, float]:
-        loss, summary = self.loss(images, labels)
+        with self.fp32():  # the encoder runs at self.precision inside (run_encoder)
+            loss, summary = self.loss(images, labels)
         summary["loss"] = self.step(loss)
         if self.bma is not None:
             summary["bma_weight"] = self.bma.update(self.visual)
@@ -118,7 +120,7 @@ class VisualFinetuner(CLIPMethod):
 
     def encode_image(self, images):
         """Normalised features of the encoder that predicts (the moving average when on)."""
-        return F.normalize(self.eval_visual()(images), dim=-1)
+        return F.normalize(self.run_encoder(self.eval_visual(), images), dim=-1)
 
     def predict(self, images):
         return self.logit_scale * self.encode_image(images) @ self.class_embeddings.T
@@ -134,6 +136,6 @@ class CLIPFT(VisualFinetuner):
         return finetune_hparams(dataset, bma=False)
 
     def loss(self, images, labels):
-        features = F.normalize(self.visual(images), dim=-1)
+        features = F.normalize(self.run_encoder(self.visual, images), dim=-1)
         logits = self.logit_scale * features @ self.train_class_embeddings.T
         return F.cross_entropy(logits, labels), {}

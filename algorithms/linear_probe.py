@@ -1,7 +1,9 @@
 """Linear probe: a linear classifier trained on frozen, normalised CLIP image features
 (AdamW + cosine schedule). `lp_init`: 'random' (the standard probe) or 'zeroshot'
 (weights start at logit_scale * text classifier, bias 0). A probe has no weights for
-classes it never saw, so it cannot be evaluated on new classes.
+classes it never saw, so it cannot be evaluated on new classes. Evaluation features come
+from the shared feature cache (algorithms/core/method.py `eval_features`); the
+features of training batches (randomly augmented) are computed every step.
 Documentation: docs/methods/cliplp.md."""
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class CLIPLP(CLIPMethod):
     name = "CLIPLP"
     trains = True
     tiny_hparams = {"lp_init": "zeroshot"}  # the usual start (a random head needs far more steps)
+    cache_features = True  # the encoder is frozen: evaluation features shared with ZSCLIP
 
     @staticmethod
     def hparams(dataset: str | None = None) -> HParams:
@@ -49,9 +52,10 @@ class CLIPLP(CLIPMethod):
 
     def update(self, images, labels):
         with torch.no_grad():
-            features = self.encode_image(images)
-        loss = F.cross_entropy(self.head(features)[:, :self.train_classes], labels)
+            features = self.encode_image(images)  # training batches: never cached
+        with self.fp32():
+            loss = F.cross_entropy(self.head(features)[:, :self.train_classes], labels)
         return {"loss": self.step(loss)}
 
     def predict(self, images):
-        return self.head(self.encode_image(images))
+        return self.head(self.eval_features(images))

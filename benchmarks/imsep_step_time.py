@@ -25,6 +25,7 @@ import time
 import open_clip
 import torch
 
+from common import cli
 from pretraining import sentences, sharedclip
 from pretraining.imsep_loss import IMSepLoss
 
@@ -120,4 +121,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -22,6 +22,10 @@ trainers/configs/protocols.yaml. A run is finished when its results.json exists;
 rerun skips finished runs and starts an unfinished one afresh (its folder is removed
 first). A missing or incomplete dataset is one line naming what is missing and where it
 was looked for, and its runs are skipped.
+
+--launcher slurm submits the protocol as one Slurm job array through submitit (sweeps/
+slurm.py: --slurm-* flags, CLIPBENCH_SLURM_* variables); each task runs one model and
+the runs that evaluate it, in order; finished runs are skipped as above.
 """
 from __future__ import annotations
 
@@ -40,8 +44,9 @@ from pathlib import Path
 import yaml
 
 from algorithms.core import registry
-from common import env
+from common import cli, env
 from common.paths import REPO, TRAINER_CONFIGS
+from sweeps import slurm
 
 COOP_DIR = env.coop_dir()
 SETTINGS_FILE = TRAINER_CONFIGS / "protocols.yaml"
@@ -196,12 +201,13 @@ def load_settings(trainer: str, config_file=None, path=SETTINGS_FILE) -> Setting
     """The protocol settings of a trainer; `config_file` (--config-file) replaces its
     configs. The harness's trainers default to trainers/configs/backbones/vit_b16.yaml and
     train when their method declares `trains`; any other trainer needs an entry."""
-    with open(path) as f:
-        entry = (yaml.safe_load(f).get("trainers") or {}).get(trainer) or {}
+    entries = cli.read_yaml_mapping(path, "protocol settings").get("trainers") or {}
+    entry = entries.get(trainer) or {}
     harness = registry.methods().get(trainer)
     if not entry and harness is None and config_file is None:
         raise ValueError(f"{trainer}: not a harness trainer and no settings in "
-                         f"{path.relative_to(REPO)}: pass --config-file")
+                         f"{path.relative_to(REPO)}: pass --config-file (known: "
+                         f"{', '.join(sorted(set(registry.methods()) | set(entries)))})")
     config = entry.get("config") or str(HARNESS_DEFAULT_CONFIG)
     train = entry.get("train", harness.trains if harness is not None else True)
     by_dataset = entry.get("config_by_dataset") or {}
@@ -217,8 +223,7 @@ def load_settings(trainer: str, config_file=None, path=SETTINGS_FILE) -> Setting
 
 
 def read_config(path: Path) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
+    return cli.read_yaml_mapping(path, "trainer config")
 
 
 def config_value(config: dict, key: str, opts, default=None):
@@ -413,6 +418,47 @@ def execute(runs, environment, verbose=False) -> dict:
     return outcome
 
 
+def chains(runs) -> list[list[Run]]:
+    """The runs grouped as they can run apart: a model, then every run that evaluates
+    it (in plan order); a run that evaluates no model alone."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(id(run.source if run.source is not None else run), []).append(run)
+    return list(groups.values())
+
+
+def run_chain(runs, overrides) -> dict:
+    """One Slurm array task: execute() on this node, this job's environment plus the
+    protocol's variables; an unfinished run fails the task."""
+    outcome = execute(runs, dict(os.environ, **overrides), verbose=True)
+    if outcome["failed"] or outcome["blocked"]:
+        raise RuntimeError(f"{runs[0].label()}: {outcome['failed']} run(s) failed, "
+                           f"{outcome['blocked']} waiting on a failed model")
+    return outcome
+
+
+def execute_slurm(protocol, runs, overrides, options, output) -> dict:
+    """The unfinished chains as one array (one task per chain). Returns execute()'s
+    counts, read from the run folders once the array is over (when waited for)."""
+    todo = [c for c in chains(runs) if not all(is_finished(r.out_dir) for r in c)]
+    finished = sum(is_finished(r.out_dir) for r in runs)
+    print(f"{len(runs)} runs: {finished} finished (skipped), {len(runs) - finished} to run in "
+          f"{len(todo)} array task(s)", flush=True)
+    outcome = {"finished": finished, "done": 0, "failed": 0, "blocked": 0, "submitted": 0}
+    if not todo:
+        return outcome
+    result = slurm.submit(run_chain, [(chain, overrides) for chain in todo],
+                          [chain[0].label() + (f" (+{len(chain) - 1} evaluating it)"
+                                               if len(chain) > 1 else "") for chain in todo],
+                          options,
+                          Path(output) / "slurm_logs" / protocol, f"clipbench-{protocol}")
+    outcome["submitted"] = result.submitted
+    if options.wait:
+        now = sum(is_finished(r.out_dir) for r in runs)
+        outcome["done"], outcome["failed"] = now - finished, len(runs) - now
+    return outcome
+
+
 def make_tables(protocol, output, datasets, figures=True) -> int:
     dirs = table_dirs(protocol, output, datasets)
     if not dirs:
@@ -457,11 +503,18 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--verbose", action="store_true", help="show each run's own output")
     parser.add_argument("--no-figures", action="store_true", help="tables without PNG figures")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: one run after another here (default); slurm: one job "
+                             "array through submitit (options below)")
+    slurm.add_arguments(parser)
     args = parser.parse_args(argv)
     if len(args.opts) % 2:
         parser.error("--opts takes KEY VALUE pairs")
     if args.config_file and len(args.config_file) not in (1, len(args.trainer)):
         parser.error("--config-file: give one for all trainers or one per trainer")
+    flags = slurm.given_flags(args)
+    if flags and args.launcher != "slurm":
+        parser.error(f"{flags[0]}: only with --launcher slurm")
     return args
 
 
@@ -482,6 +535,11 @@ def openai_weights_problem(settings: Settings, datasets, clip_dir, opts) -> str 
 def main(argv=None) -> int:
     args = parse_args(argv)
     root, output = Path(args.root).resolve(), Path(args.output).resolve()
+    try:
+        slurm_options = slurm.options_from_args(args) if args.launcher == "slurm" else None
+    except slurm.SlurmError as e:
+        print(f"coop_protocols: error: {e}", file=sys.stderr)
+        return 2
     if not (COOP_DIR / "train.py").is_file():
         print(f"coop_protocols: error: CoOp not found at {COOP_DIR} "
               "(run: python third_party/install.py)", file=sys.stderr)
@@ -537,15 +595,30 @@ def main(argv=None) -> int:
           f"{', '.join(d.name for d in wanted if d in present)}; seeds "
           f"{' '.join(map(str, args.seeds))}; {args.shots} shots; output {output}")
     if args.dry_run:
+        if slurm_options is not None:
+            todo = [c for c in chains(runs) if not all(is_finished(r.out_dir) for r in c)]
+            print(f"# --launcher slurm: {len(todo)} array task(s), each a model and what "
+                  "evaluates it")
         for run in runs:
             state = "finished" if is_finished(run.out_dir) else "to run"
             print(f"# {run.label()} ({state}){': ' + run.note if run.note else ''}")
             print(shlex.join(command(run)))
         return 0
-    environment = dict(os.environ)
+    overrides = {}
     if args.openai_clip_dir:
-        environment[OPENAI_CLIP_DIR_ENV] = str(Path(args.openai_clip_dir).expanduser().resolve())
-    outcome = execute(runs, environment, verbose=args.verbose)
+        overrides[OPENAI_CLIP_DIR_ENV] = str(Path(args.openai_clip_dir).expanduser().resolve())
+    if slurm_options is not None:
+        try:
+            outcome = execute_slurm(args.protocol, runs, overrides, slurm_options, output)
+        except slurm.SlurmError as e:
+            print(f"coop_protocols: error: {e}", file=sys.stderr)
+            return 2
+        if outcome["submitted"] and not slurm_options.wait:
+            print("the tables: once the array is over, the same command without --launcher "
+                  "slurm skips every finished run and makes them")
+            return 0
+    else:
+        outcome = execute(runs, dict(os.environ, **overrides), verbose=args.verbose)
     print(f"{outcome['finished']} were finished, {outcome['done']} done now, "
           f"{outcome['failed']} failed, {outcome['blocked']} waiting on a failed model")
     tables = make_tables(args.protocol, output, wanted, figures=not args.no_figures)
@@ -553,4 +626,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

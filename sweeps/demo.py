@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from algorithms.core import registry
 from clipworld import generate as world
-from common import env
+from common import cli, env
 from common.paths import OUTPUT, WORLD
 from pretraining import tiny_clip as pretrain
 
@@ -148,4 +148,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -25,4 +25,12 @@ def local_parallel_launcher(commands):
         time.sleep(0.2)
 
 
-DOMAINBED_LAUNCHERS = {"local_parallel": local_parallel_launcher}
+def slurm_launcher(commands):
+    """The sweep as one Slurm job array through submitit (options: CLIPBENCH_SLURM_*,
+    sweeps/slurm.py); CLIPBENCH_SLURM_EXECUTOR=local runs it with submitit's local executor.
+    submitit is imported only here: this module loads in every DomainBed process."""
+    from sweeps import slurm
+    slurm.domainbed_launcher(commands)
+
+
+DOMAINBED_LAUNCHERS = {"local_parallel": local_parallel_launcher, "slurm": slurm_launcher}

@@ -5,6 +5,9 @@
 - `encode_image_tokens` (ViT and ModifiedResNet): the global embedding and every spatial
   token in the joint space, from one run of open_clip's forward (CALIP).
 ResNet backbones have no CLS attention maps or D-V branch: `encode_image_taps` raises.
+Under autocast (a method's `precision`) the blocks keep the fused
+F.scaled_dot_product_attention on half-precision Q, K, V; the tapped CLS rows are
+recomputed from the same Q, K in fp32 (one row per head, cheap).
 """
 from __future__ import annotations
 
@@ -57,9 +60,10 @@ def _block(blk: ResidualAttentionBlock, x: torch.Tensor, want_attn: bool, dv_mod
     x = x + blk.ls_1(attn.out_proj(out.transpose(1, 2).reshape(B, N, D)))
     x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
     cls_attn = dv_update = None
-    if want_attn:  # only the CLS row: [B,H,1,N], never the full N x N map
-        row = (q[:, :, :1] * (D // H) ** -0.5) @ k.transpose(-1, -2)
-        cls_attn = row.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+    if want_attn:  # only the CLS row: [B,H,1,N], never the full N x N map; in fp32
+        with torch.autocast(x.device.type, enabled=False):
+            row = (q[:, :, :1].float() * (D // H) ** -0.5) @ k.float().transpose(-1, -2)
+            cls_attn = row.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
     if dv_mode is not None:
         branch = v if dv_mode == "dv" else F.scaled_dot_product_attention(v, v, v)
         dv_update = blk.ls_1(attn.out_proj(branch.transpose(1, 2).reshape(B, N, D)))
