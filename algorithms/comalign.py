@@ -32,7 +32,6 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
 from algorithms.comalign_components import (GridRegions, clip_grey, encode_image_components,
                                             rank_components)
@@ -84,7 +83,15 @@ class ComAlign(CLIPMethod):
             self.num_entities = image_head.config.num_entities
             self.num_relations = image_head.config.num_relations
             self.checkpoint_meta = dict(ckpt.get("meta", {}))
+            trained_on = self.checkpoint_meta.get("clip_model")
+            if trained_on and trained_on != hparams["clip_model"]:
+                raise ValueError(f"{self.name}: checkpoint {hparams['comalign_checkpoint']} was "
+                                 f"trained on CLIP {trained_on}, not {hparams['clip_model']}")
             self.mode = self.checkpoint_meta.get("component_mode", self.mode)
+            print(f"{self.name}: trained head {hparams['comalign_checkpoint']} (epoch "
+                  f"{int(ckpt.get('epoch', -1)) + 1}, CLIP {trained_on} "
+                  f"{self.checkpoint_meta.get('clip_pretrained') or 'random init'}, "
+                  f"views {self.mode})")
         else:
             image_head, text_head = IdentityHead(), IdentityHead()
         self.image_head, self.text_head = image_head, text_head

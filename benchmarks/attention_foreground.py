@@ -1,8 +1,10 @@
 """Where does CLIP look? Share of the CLS token's attention that falls on the object
 (the world's foreground masks), before and after fine-tuning with AlignCLIP and
-CLIPood, on held-out images; saves overlay figures and a JSON of the numbers.
+CLIPood, on held-out images, beside their accuracy on held-out images of the training
+domains and of the held-out domain; saves overlay figures and a JSON of the numbers.
 
     python benchmarks/attention_foreground.py --world data/world [--steps 150]
+        [--align-weights 10 1 0.1]   # one AlignCLIP per lambda (default: its own, 10)
 
 Attention = what AlignCLIP aligns: CLS->patch attention of the first aligned blocks,
 head-averaged, L1-normalised, averaged over blocks. Foreground share of an image =
@@ -23,7 +25,8 @@ from algorithms import backbone
 from algorithms.alignclip import layer_averaged_attention
 from algorithms.core.registry import get_method
 from clipworld import generate as world
-from common.files import write_json_atomic
+from common import cli
+from common.files import write_atomic, write_json_atomic
 from common.paths import OUTPUT
 
 
@@ -70,6 +73,14 @@ def foreground_share(maps, foreground):
     return (maps * foreground).sum(dim=1)
 
 
+@torch.no_grad()
+def correct(method, images, labels, batch=64):
+    method.eval()
+    hits = [method.predict(images[s:s + batch]).argmax(dim=1) == labels[s:s + batch]
+            for s in range(0, len(images), batch)]
+    return torch.cat(hits).float().numpy()
+
+
 def train(method, train_items, steps, batch, seed):
     generator = torch.Generator().manual_seed(seed)
     images = torch.stack([item[0] for item in train_items])
@@ -105,7 +116,7 @@ def save_overlays(path, items, maps_by_model, grid, n=6):
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -119,6 +130,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--align-weights", type=float, nargs="+", default=None,
+                        help="AlignCLIP's lambda, one run each (default: its declared 10)")
     parser.add_argument("--out", default=str(OUTPUT / "attention"))
     args = parser.parse_args(argv)
     if args.clip_pretrained is None:
@@ -127,24 +140,38 @@ def main(argv=None):
     size = backbone.image_size_of(args.clip_model)
     train_items, test_items = load_split(args.world, size)
     images = torch.stack([item[0] for item in test_items])
+    labels = torch.tensor([item[1] for item in test_items])
+    runs = [("CLIPood", "CLIPood", {})]
+    if args.align_weights is None:
+        runs.append(("AlignCLIP", "AlignCLIP", {}))
+    else:
+        runs += [(f"AlignCLIP lambda={w:g}", "AlignCLIP", {"align_weight": w})
+                 for w in args.align_weights]
     methods = {}
-    for name in ("CLIPood", "AlignCLIP"):
+    for label, name, overrides in runs:
         method_cls = get_method(name)
         hparams = dict(method_cls.default_hparams(), clip_model=args.clip_model,
-                       clip_pretrained=args.clip_pretrained, lr=args.lr, total_steps=args.steps)
+                       clip_pretrained=args.clip_pretrained, lr=args.lr, total_steps=args.steps,
+                       **overrides)
         torch.manual_seed(args.seed)
-        methods[name] = method_cls(list(world.CLASSES), hparams, device="cpu")
-    layers = methods["AlignCLIP"].attn_layers
-    grid = methods["AlignCLIP"].visual.grid_size[0]
+        methods[label] = method_cls(list(world.CLASSES), hparams, device="cpu")
+    first = methods[runs[1][0]]
+    layers, grid = first.attn_layers, first.visual.grid_size[0]
     foreground = torch.stack([patch_foreground(item[2], grid) for item in test_items])
     maps = {"before": attention_maps(methods["CLIPood"], images, layers)}
+    hits = {"before": correct(methods["CLIPood"], images, labels)}
     for name, method in methods.items():
         train(method, train_items, args.steps, args.batch, args.seed)
         maps[f"{name} after"] = attention_maps(method, images, layers)
+        hits[f"{name} after"] = correct(method, images, labels)
     domains = np.array([item[3] for item in test_items])
+    seen = np.isin(domains, TRAIN_DOMAINS)
     report = {"clip_pretrained": args.clip_pretrained, "steps": args.steps, "lr": args.lr,
               "layers": list(layers), "n_test_images": len(test_items),
-              "uniform_attention_share": float(foreground.mean()), "share": {}}
+              "uniform_attention_share": float(foreground.mean()), "share": {},
+              "accuracy": {name: {"in_domain": float(h[seen].mean()),
+                                  "out_of_domain": float(h[~seen].mean())}
+                           for name, h in hits.items()}}
     for name, m in maps.items():
         share = foreground_share(m, foreground).numpy()
         report["share"][name] = {"all": float(share.mean()),
@@ -157,10 +184,13 @@ def main(argv=None):
           f"{report['uniform_attention_share']:.3f}), first {len(layers)} blocks, "
           f"{len(test_items)} held-out images")
     for name, shares in report["share"].items():
-        print(f"  {name:16s} all {shares['all']:.3f}  " +
-              "  ".join(f"{d} {shares[d]:.3f}" for d in world.DOMAINS))
+        accuracy = report["accuracy"][name]
+        print(f"  {name:26s} all {shares['all']:.3f}  " +
+              "  ".join(f"{d} {shares[d]:.3f}" for d in world.DOMAINS) +
+              f"  | accuracy in-domain {100 * accuracy['in_domain']:.1f}"
+              f"  out-of-domain {100 * accuracy['out_of_domain']:.1f}")
     print(f"figures and numbers in {out}/")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

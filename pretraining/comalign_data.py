@@ -40,9 +40,11 @@ from algorithms import backbone
 from algorithms.comalign_components import (ComponentCache, NUM_ENTITIES, NUM_RELATIONS,
                                             cached_or_compute, encode_image_files,
                                             encode_text_components, items_fingerprint,
-                                            parser_backend, region_source)
+                                            parser_backend, parser_description,
+                                            region_source)
 from algorithms.core.feature_cache import tensors_fingerprint
 from common import env
+from common.files import write_atomic
 from common.paths import DATA
 
 SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel",
@@ -78,7 +80,32 @@ def parse_spec(text: str):
     kind, _, rest = text.partition(":")
     parts = rest.split(",")
     opts = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    if not parts[0]:
+        raise ValueError(f"{text!r}: no path (TYPE:PATH[,KEY=VALUE...])")
     return kind, parts[0], opts
+
+
+def _option(opts: dict, key: str, spec: str) -> str:
+    if key not in opts:
+        raise ValueError(f"{spec!r} needs ,{key}=... (pretraining/comalign_data.py)")
+    return opts[key]
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+
+
+def _non_empty(pairs: PairSet, spec: str) -> PairSet:
+    if not pairs.captions:
+        raise ValueError(f"{spec!r}: no image-caption pairs")
+    return pairs
 
 
 def _group(name, rows, limit=None) -> PairSet:
@@ -98,34 +125,74 @@ def _group(name, rows, limit=None) -> PairSet:
 
 
 def read_pairs_csv(path, sep=None, img="filepath", caption="title", name=None) -> PairSet:
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: empty (needs a header row with columns {img!r} and "
+                         f"{caption!r})")
     sep = sep or ("\t" if "\t" in text.splitlines()[0] else ",")
     sep = "\t" if sep in ("TAB", "tab", "\\t") else sep
     reader = csv.DictReader(io.StringIO(text), delimiter=sep)
     base = Path(path).parent
     rows = []
-    for r in reader:
-        p = Path(r[img])
-        rows.append((str(p if p.is_absolute() else base / p), r[caption]))
+    try:
+        cols = reader.fieldnames or []
+        for key in (img, caption):
+            if key not in cols:
+                raise ValueError(f"{path}: no column {key!r} "
+                                 f"(columns: {', '.join(map(repr, cols))})")
+        for r in reader:
+            if r[img] is None or r[caption] is None:
+                raise ValueError(f"{path}:{reader.line_num}: a row without {img!r} or "
+                                 f"{caption!r}")
+            p = Path(r[img])
+            rows.append((str(p if p.is_absolute() else base / p), r[caption]))
+    except csv.Error as e:
+        raise ValueError(f"{path}:{reader.line_num}: not CSV ({e})") from None
     return _group(name or Path(path).stem, rows)
 
 
 def read_coco_captions(path, images_dir, name="coco_val2017") -> PairSet:
-    data = json.loads(Path(path).read_text())
-    files = {im["id"]: im["file_name"] for im in data["images"]}
-    rows = [(str(Path(images_dir) / files[a["image_id"]]), a["caption"].strip())
-            for a in data["annotations"]]
+    """COCO captions JSON (captions_val2017.json: images[id, file_name],
+    annotations[image_id, caption]); the first 5 captions of each image."""
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{path}: not COCO captions (needs lists 'images' and 'annotations')")
+    try:
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        rows = []
+        for a in data["annotations"]:
+            if a["image_id"] not in files:
+                raise ValueError(f"{path}: annotation for image_id {a['image_id']!r} not in "
+                                 f"'images'")
+            rows.append((str(Path(images_dir) / files[a["image_id"]]), a["caption"].strip()))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not COCO captions (an image needs 'id' and 'file_name', "
+                         f"an annotation 'image_id' and a string 'caption'; "
+                         f"{'missing ' if isinstance(e, KeyError) else ''}{e})") from None
     return _group(name, rows, CAPTIONS_PER_IMAGE)
 
 
 def read_karpathy(path, images_dir, split="test", name=None) -> PairSet:
-    data = json.loads(Path(path).read_text())
+    """Karpathy's dataset_{coco,flickr30k}.json: images[filepath (COCO only), filename,
+    split, sentences[raw]]; the images of `split`, first 5 sentences each."""
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{path}: not a Karpathy split file (needs a list 'images')")
     rows = []
-    for im in data["images"]:
-        if im.get("split") != split:
-            continue
-        p = Path(images_dir) / im.get("filepath", "") / im["filename"]
-        rows += [(str(p), s["raw"].strip()) for s in im["sentences"]]
+    try:
+        for im in data["images"]:
+            if im.get("split") != split:
+                continue
+            p = Path(images_dir) / im.get("filepath", "") / im["filename"]
+            rows += [(str(p), s["raw"].strip()) for s in im["sentences"]]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a Karpathy split file (an image needs 'filename', "
+                         f"'split' and 'sentences' of {{'raw': string}}; "
+                         f"{'missing ' if isinstance(e, KeyError) else ''}{e})") from None
     return _group(name or f"{Path(path).stem}_{split}", rows, CAPTIONS_PER_IMAGE)
 
 
@@ -140,8 +207,14 @@ def _expand_braces(pattern: str) -> List[str]:
 
 def read_webdataset(pattern: str, name="wds") -> PairSet:
     shards = _expand_braces(pattern)
-    out = Path(env.cache_root() or DATA / "feature_cache") / "comalign_wds" / \
-        hashlib.sha256(pattern.encode()).hexdigest()[:16]
+    h = hashlib.sha256(pattern.encode())
+    for shard in shards:  # extracted files are named by the shards' sizes and times too
+        try:
+            st = Path(shard).stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"webdataset shard not found: {shard}") from None
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    out = Path(env.cache_root() or DATA / "feature_cache") / "comalign_wds" / h.hexdigest()[:16]
     rows = []
     for shard in shards:
         with tarfile.open(shard) as tar:
@@ -156,7 +229,8 @@ def read_webdataset(pattern: str, name="wds") -> PairSet:
                 target = out / mname
                 if not target.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(tar.extractfile(m).read())
+                    data = tar.extractfile(m).read()  # whole or absent: never half a file
+                    write_atomic(target, lambda tmp: tmp.write_bytes(data))
                 rows.append((str(target), tar.extractfile(txt).read().decode().strip()))
     return _group(name, rows)
 
@@ -164,24 +238,28 @@ def read_webdataset(pattern: str, name="wds") -> PairSet:
 def load_pairs(spec: str) -> PairSet:
     kind, path, o = parse_spec(spec)
     if kind == "pairs":
-        return read_pairs_csv(path, o.get("sep"), o.get("img", "filepath"),
-                              o.get("caption", "title"), o.get("name"))
-    if kind == "world":
-        return read_pairs_csv(Path(path) / "pairs" / f"{o.get('split', 'val')}.csv",
-                              name=o.get("name", f"world_{o.get('split', 'val')}"))
-    if kind == "coco":
-        return read_coco_captions(path, o["images"], o.get("name", "coco_val2017"))
-    if kind == "karpathy":
-        return read_karpathy(path, o["images"], o.get("split", "test"), o.get("name"))
-    if kind == "wds":
-        return read_webdataset(path, o.get("name", "wds"))
-    raise ValueError(f"unknown pair set type {kind!r} in {spec!r}")
+        pairs = read_pairs_csv(path, o.get("sep"), o.get("img", "filepath"),
+                               o.get("caption", "title"), o.get("name"))
+    elif kind == "world":
+        pairs = read_pairs_csv(Path(path) / "pairs" / f"{o.get('split', 'val')}.csv",
+                               name=o.get("name", f"world_{o.get('split', 'val')}"))
+    elif kind == "coco":
+        pairs = read_coco_captions(path, _option(o, "images", spec), o.get("name", "coco_val2017"))
+    elif kind == "karpathy":
+        pairs = read_karpathy(path, _option(o, "images", spec), o.get("split", "test"), o.get("name"))
+    elif kind == "wds":
+        pairs = read_webdataset(path, o.get("name", "wds"))
+    else:
+        raise ValueError(f"unknown pair set type {kind!r} in {spec!r} (pairs | world | coco | "
+                         "karpathy | wds)")
+    return _non_empty(pairs, spec)
 
 
 def _sugarcrepe_like(name, files, images_dir) -> CompositionalSet:
+    """SugarCrepe's JSONs ({"0": {filename, caption, negative_caption}, ...}), one per subset."""
     images, index, pos, neg, owner, subset = [], {}, [], [], [], []
     for sub, f in files:
-        for item in json.loads(Path(f).read_text()).values():
+        for item in _read_json(f).values():
             p = str(Path(images_dir) / item["filename"])
             if p not in index:
                 index[p] = len(images)
@@ -194,9 +272,18 @@ def _sugarcrepe_like(name, files, images_dir) -> CompositionalSet:
 
 
 def _aro(path, images_dir, name) -> CompositionalSet:
+    """ARO's visual_genome_{relation,attribution}.json: [{image_path, bbox_x, bbox_y,
+    bbox_w, bbox_h, true_caption, false_caption, ...}]; each image cropped to its box
+    (as ARO's VG_Relation / VG_Attribution), crops kept under a folder named by the JSON's
+    and the image folder's fingerprint."""
     from PIL import Image
-    data = json.loads(Path(path).read_text())
-    out = Path(env.cache_root() or DATA / "feature_cache") / "comalign_aro" / name
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: not an ARO VG-Relation/VG-Attribution file (a JSON list)")
+    h = hashlib.sha256(Path(path).read_bytes())
+    h.update(str(Path(images_dir).resolve()).encode())
+    out = Path(env.cache_root() or DATA / "feature_cache") / "comalign_aro" / \
+        f"{name}_{h.hexdigest()[:16]}"
     images, pos, neg, owner = [], [], [], []
     for k, item in enumerate(data):
         target = out / f"{k:06d}.png"
@@ -204,7 +291,8 @@ def _aro(path, images_dir, name) -> CompositionalSet:
             with Image.open(Path(images_dir) / item["image_path"]) as im:
                 x, y, w, h = (item[f"bbox_{c}"] for c in "xywh")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                im.convert("RGB").crop((x, y, x + w, y + h)).save(target)
+                crop = im.convert("RGB").crop((x, y, x + w, y + h))
+                write_atomic(target, lambda tmp: crop.save(tmp, format="PNG"))
         images.append(str(target))
         pos.append(item["true_caption"])
         neg.append(item["false_caption"])
@@ -217,14 +305,22 @@ def load_compositional(spec: str) -> CompositionalSet:
     if kind == "sugarcrepe":
         files = [(s, Path(path) / f"{s}.json") for s in SUGARCREPE_SUBSETS
                  if (Path(path) / f"{s}.json").is_file()]
-        return _sugarcrepe_like(o.get("name", "sugarcrepe"), files, o["images"])
-    if kind == "worldcomp":
+        if not files:
+            raise ValueError(f"{spec!r}: none of SugarCrepe's {', '.join(SUGARCREPE_SUBSETS)} "
+                             f"JSONs in {path}")
+        comp = _sugarcrepe_like(o.get("name", "sugarcrepe"), files, _option(o, "images", spec))
+    elif kind == "worldcomp":
         root = Path(path)
         files = sorted((f.stem, f) for f in (root / "compositional").glob("*.json"))
-        return _sugarcrepe_like(o.get("name", "world_compositional"), files, root)
-    if kind == "aro":
-        return _aro(path, o["images"], o.get("name", Path(path).stem))
-    raise ValueError(f"unknown compositional set type {kind!r} in {spec!r}")
+        comp = _sugarcrepe_like(o.get("name", "world_compositional"), files, root)
+    elif kind == "aro":
+        comp = _aro(path, _option(o, "images", spec), o.get("name", Path(path).stem))
+    else:
+        raise ValueError(f"unknown compositional set type {kind!r} in {spec!r} (sugarcrepe | "
+                         "worldcomp | aro)")
+    if not comp.positives:
+        raise ValueError(f"{spec!r}: no items")
+    return comp
 
 
 # --- encoding through the cache ---------------------------------------------------------------
@@ -253,6 +349,7 @@ class Encoder:
         self.source = region_source(self.regions, self.device)
         self.weights = tensors_fingerprint(self.clip.state_dict().items())
         self.backend = parser_backend(self.parser)
+        self.parser_name = parser_description(self.backend)  # spaCy: pipeline + version
 
     def _key(self, side, name, items, extra):
         return {"format": "comalign-components-v1", "side": side, "clip_model": self.clip_model,
@@ -269,7 +366,7 @@ class Encoder:
             name=f"{name}: image components")
 
     def texts(self, name: str, captions: List[str]) -> Dict[str, torch.Tensor]:
-        key = self._key("text", name, captions, {"parser": self.backend})
+        key = self._key("text", name, captions, {"parser": self.parser_name})
         return cached_or_compute(self.cache, key, lambda: encode_text_components(
             self.clip, self.tokenizer, captions, self.backend, self.num_entities,
             self.num_relations, self.device), name=f"{name}: text components")
@@ -277,4 +374,5 @@ class Encoder:
     def meta(self) -> dict:
         return {"clip_model": self.clip_model, "clip_pretrained": self.clip_pretrained,
                 "regions": self.regions, "component_mode": self.mode, "parser": self.backend,
+                "parser_model": self.parser_name,
                 "num_entities": self.num_entities, "num_relations": self.num_relations}

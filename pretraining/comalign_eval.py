@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from common import cli
 from algorithms.comalign_head import (IdentityHead, Side, aligned_scores, chunked_normalisers,
                                       chunked_retrieval, get_fusion, load_head_checkpoint, refine)
 from common.files import write_json_atomic
@@ -151,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -34,6 +34,7 @@ from typing import Dict, Optional
 import torch
 from tqdm import tqdm
 
+from common import cli
 from algorithms.comalign_head import (HEAD_FORMAT, ComAlignHead, HeadConfig, IdentityHead,
                                       LossWeights, Side, contrastive_loss, refine)
 from common.files import atomic_path, write_json_atomic
@@ -183,4 +184,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -41,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import cli
 from common.files import staged_dir, write_atomic
 from common.paths import CLIP_CACHE, OUTPUT
 from pretraining import tiny_clip
@@ -195,4 +196,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

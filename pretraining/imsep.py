@@ -34,7 +34,16 @@ replaced there for the duration of the run, then restored):
     semantic supervision a forward hook adds each batch's `sentence_features`;
   - create_loss: IMSepLoss with open_clip_train's --local-loss, --gather-with-grad, rank and
     world size (the reference calls create_loss(args, epoch), which its factory does not
-    accept; this one runs).
+    accept; this one runs);
+  - torch's DistributedDataParallel: open_clip_train passes `device_ids=[device]`, which torch
+    refuses for a CPU module; on CPU the ids are dropped, so `torchrun` with
+    `--device cpu --dist-backend gloo` runs (GPU runs are untouched);
+  - torch.save: a file is written to a hidden temporary beside it and renamed, so a run
+    killed while saving leaves no half epoch_N.pt for `--resume latest` to pick;
+  - the loss (either one) is wrapped: a non-finite loss or term (clip_loss, imsep_loss)
+    stops the run at that step, before its update, with one line naming the term.
+A killed run resumes from its last saved epoch (one every --save-frequency epochs) when
+rerun with open_clip_train's own `--resume latest`.
 The checkpoint is open_clip_train's (<logs>/<name>/checkpoints/epoch_N.pt); a plain
 `open_clip.create_model_and_transforms(model, pretrained=that)` loads it (untied) once
 `pretraining.sharedclip.register_model_configs()` has run.
@@ -51,6 +60,9 @@ import os
 import sys
 from unittest import mock
 
+import torch
+
+from common import cli
 from pretraining import sentences, sharedclip
 from pretraining.imsep_loss import IMSepLoss
 
@@ -163,6 +175,51 @@ def sentence_hook(opts, args, prepared) -> sentences.SentenceFeatures:
     return sentences.SentenceFeatures(index, encoder, opts.sentence_batch_size)
 
 
+def cpu_tolerant_ddp(ddp_class):
+    """DistributedDataParallel that drops device ids for a CPU module (torch rejects them)."""
+    def build(module, *args, device_ids=None, **kwargs):
+        if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        return ddp_class(module, *args, device_ids=device_ids, **kwargs)
+    return build
+
+
+def atomic_torch_save(save):
+    """torch.save that writes a file path to a hidden temporary beside it, renamed when
+    complete (common/files.py): a run killed while saving epoch_N.pt leaves no half
+    checkpoint for `--resume latest` to pick (its glob skips hidden files)."""
+    from common.files import atomic_path
+
+    def atomic(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            with atomic_path(f) as tmp:
+                return save(obj, tmp, *args, **kwargs)
+        return save(obj, f, *args, **kwargs)
+    return atomic
+
+
+class StopOnNonFinite(torch.nn.Module):
+    """The run's loss; the first step whose loss (or a term of it: IMSepLoss's clip_loss,
+    imsep_loss) is not finite stops the run, before its backward, with one line naming the
+    method, the step and the term(s). Training steps are counted from this process's start."""
+
+    def __init__(self, loss, method: str):
+        super().__init__()
+        self.loss, self.method, self.steps = loss, method, 0
+
+    def forward(self, *args, **kwargs):
+        out = self.loss(*args, **kwargs)
+        parts = out if isinstance(out, dict) else {"loss": out}
+        bad = {k: float(v.detach().sum()) for k, v in parts.items()
+               if torch.is_tensor(v) and not bool(torch.isfinite(v).all())}
+        if bad:
+            terms = ", ".join(f"{k} = {v}" for k, v in bad.items())
+            raise FloatingPointError(f"{self.method}: non-finite loss at step {self.steps} of "
+                                     f"this run: {terms}; the run stops here")
+        self.steps += 1
+        return out
+
+
 def run(argv) -> int:
     """open_clip_train.main.main with SharedCLIP configs and, if asked, IMSepLoss."""
     from open_clip_train import main as oc_main
@@ -193,17 +250,20 @@ def run(argv) -> int:
 
     def create_loss(args, *_):
         if not opts.clip_inmodality_loss:
-            return original_create_loss(args)
+            return StopOnNonFinite(original_create_loss(args), "SharedCLIP (ClipLoss)")
         loss = make_loss(opts, args)
         logging.info(f"{METHOD}: {loss.__class__.__name__}(alpha={loss.alpha}, beta={loss.beta}, "
                      f"image={loss.separate_image}, text={loss.separate_text}, "
                      f"semantic={loss.semantic}, rescale_ablation={loss.rescale_ablation}, "
                      f"local_loss={loss.local_loss}, gather_with_grad={loss.gather_with_grad})")
-        return loss
+        return StopOnNonFinite(loss, METHOD)
 
     with mock.patch.object(oc_main, "parse_args", parse_args), \
             mock.patch.object(oc_main, "create_model_and_transforms", create_model_and_transforms), \
-            mock.patch.object(oc_main, "create_loss", create_loss):
+            mock.patch.object(oc_main, "create_loss", create_loss), \
+            mock.patch.object(torch.nn.parallel, "DistributedDataParallel",
+                              cpu_tolerant_ddp(torch.nn.parallel.DistributedDataParallel)), \
+            mock.patch.object(torch, "save", atomic_torch_save(torch.save)):
         result = oc_main.main(list(rest))
     return 0 if result is None else 1
 
@@ -223,4 +283,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

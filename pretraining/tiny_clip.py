@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import cli
 from common.paths import CLIP_CACHE, REPO
 
 DEFAULT_CACHE_DIR = CLIP_CACHE
@@ -335,4 +336,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

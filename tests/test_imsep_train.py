@@ -265,3 +265,52 @@ def test_flags_map_onto_the_loss_as_the_reference_names_them():
     assert (image.alpha, image.beta, image.semantic) == (2.0, 0.25, False)
     with pytest.raises(sentences.InputError, match="give one of them"):
         loss_for("--clip-inModality-loss", "--nl_semantic_supervision", "--rescale_ablation")
+
+
+def _final_weights(logs: Path) -> dict:
+    ckpt = torch.load(logs / "run" / "checkpoints" / "epoch_2.pt", map_location="cpu",
+                      weights_only=True)
+    return {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+
+
+@needs_sentence_model
+def test_torchrun_two_cpu_processes_train_as_one_process_on_the_global_batch(tmp_path):
+    """`torchrun --nproc_per_node 2` through open_clip_train on CPU (gloo): two epochs of one
+    global batch (2 x 32 = all 64 pairs, no random crop) give the logged losses and the
+    weights of one process with batch 64: features are gathered across ranks."""
+    pairs = make_pairs(tmp_path / "data")
+    common = [*SEMANTIC, "--gather-with-grad", "--epochs", "2", "--save-frequency", "1",
+              "--aug-cfg", "scale=(1.0,1.0)", "ratio=(1.0,1.0)"]
+    assert run_cli(train_flags(pairs, tmp_path / "one", batch=64) + ["--precompute-only"]
+                   + SEMANTIC).returncode == 0
+    single = run_cli(train_flags(pairs, tmp_path / "one", batch=64) + common)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", "-m", "pretraining.imsep", "--"]
+    multi = subprocess.run(launcher + train_flags(pairs, tmp_path / "two", batch=32) + common
+                           + ["--dist-backend", "gloo"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1"))
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    log_two = (tmp_path / "two" / "run" / "out.log").read_text()
+    assert "total 2" in log_two
+
+    def losses(log):
+        return [float(line.split("Loss: ")[1].split()[0]) for line in log.splitlines()
+                if " Loss: " in line]
+    one = losses((tmp_path / "one" / "run" / "out.log").read_text())
+    assert len(one) == 2 and np.allclose(losses(log_two), one, rtol=1e-4)
+    a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith("attn.in_proj_bias"):
+            # the key bias has zero gradient in exact arithmetic; AdamW turns its rounding
+            # noise into steps of size lr, different on any two machines: compare q and v
+            third = a[name].shape[0] // 3
+            keep = torch.ones_like(a[name], dtype=torch.bool)
+            keep[third:2 * third] = False
+            a[name], b[name] = a[name][keep], b[name][keep]
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    start = sharedclip.create_model_and_transforms(MODEL)[0].state_dict()
+    moved = sum(not torch.equal(start[k], a[k]) for k in a if k in start)
+    assert moved > 0  # the two runs trained, and trained alike
