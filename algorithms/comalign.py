@@ -136,7 +136,8 @@ class ComAlign(CLIPMethod):
             weight = sum(w for t, w in self.fusion.i2t.items() if t in ("G", "C"))
             return weight * super().predict(images) if weight != 1 else super().predict(images)
         ranked = [self._ranked(images.shape[-1])] * images.shape[0]
-        comps = encode_image_components(self.clip, images, ranked, self.mode, self.grey)
+        comps = encode_image_components(self.clip, images, ranked, self.mode, self.grey,
+                                        encode=lambda x: self.run_encoder(self.clip.encode_image, x))
         side = Side.from_tensors(comps).to(images.device)
         plain = side.normalised()
         refined, token = refine(self.image_head, side)

@@ -649,10 +649,13 @@ def clip_grey(mean=None, std=None) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_image_components(clip, images: torch.Tensor, ranked: Sequence[tuple],
-                            mode: str = "mask", grey=None, batch_size: int = 256) -> Dict[str, torch.Tensor]:
+                            mode: str = "mask", grey=None, batch_size: int = 256,
+                            encode=None) -> Dict[str, torch.Tensor]:
     """images [B, 3, S, S] (preprocessed), ranked[b] = rank_components(...) in input pixels.
     Returns raw (unnormalised) CLIP embeddings: global [B, D], entities [B, n, D],
-    relations [B, m, D] (zeros where padded) and the masks."""
+    relations [B, m, D] (zeros where padded) and the masks. `encode` (default
+    clip.encode_image) runs the image encoder, e.g. a method's run_encoder at its precision."""
+    encode = encode or clip.encode_image
     B = images.shape[0]
     n, m = len(ranked[0][1]), len(ranked[0][3])
     views, owners = [], []
@@ -661,12 +664,12 @@ def encode_image_components(clip, images: torch.Tensor, ranked: Sequence[tuple],
         views.append(v)
         slots = [s for s in range(n) if em[s]] + [n + s for s in range(m) if rm[s]]
         owners += [(b, s) for s in slots]
-    glob = clip.encode_image(images).float()
+    glob = encode(images).float()
     D = glob.shape[-1]
     comps = torch.zeros(B, n + m, D, device=glob.device)
     allv = torch.cat(views) if views else images[:0]
     for start in range(0, allv.shape[0], batch_size):
-        emb = clip.encode_image(allv[start:start + batch_size]).float()
+        emb = encode(allv[start:start + batch_size]).float()
         for k, (b, s) in enumerate(owners[start:start + batch_size]):
             comps[b, s] = emb[k]
     em = torch.tensor(np.array([r[1] for r in ranked]), dtype=torch.bool)

@@ -266,3 +266,23 @@ def test_dassl_config_and_record_hold_the_precision():
     cfg.TRAINER.NAME = "CoOp"
     cfg.TRAINER.COOP = CN({"PREC": "fp16"})
     assert da.run_precision(types.SimpleNamespace(model=torch.nn.Linear(1, 1), cfg=cfg)) == "fp16"
+
+
+def test_comalign_components_are_encoded_at_the_methods_precision(monkeypatch):
+    """The component path (figure-mean fusion needs entity and relation views) runs the
+    image encoder through run_encoder: bf16 inside, fp32 scores out."""
+    seen = []
+    for precision in ("fp32", "bf16"):
+        method = make("ComAlign", precision=precision, fusion="figure_mean")
+        encode = method.clip.encode_image
+
+        def spy(images, *args, **kwargs):
+            out = encode(images, *args, **kwargs)
+            seen.append((precision, out.dtype))
+            return out
+        monkeypatch.setattr(method.clip, "encode_image", spy)
+        with torch.no_grad():
+            logits = method.predict(BATCH[0])
+        assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert {dtype for p, dtype in seen if p == "fp32"} == {torch.float32}
+    assert {dtype for p, dtype in seen if p == "bf16"} == {torch.bfloat16}
