@@ -62,6 +62,7 @@ from unittest import mock
 
 import torch
 
+from algorithms.core import nonfinite
 from common import cli
 from pretraining import sentences, sharedclip
 from pretraining.imsep_loss import IMSepLoss
@@ -213,9 +214,8 @@ class StopOnNonFinite(torch.nn.Module):
         bad = {k: float(v.detach().sum()) for k, v in parts.items()
                if torch.is_tensor(v) and not bool(torch.isfinite(v).all())}
         if bad:
-            terms = ", ".join(f"{k} = {v}" for k, v in bad.items())
-            raise FloatingPointError(f"{self.method}: non-finite loss at step {self.steps} of "
-                                     f"this run: {terms}; the run stops here")
+            raise FloatingPointError(nonfinite.stop_message(
+                self.method, f"step {self.steps} of this run", bad, stops="run"))
         self.steps += 1
         return out
 

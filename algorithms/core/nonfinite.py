@@ -29,9 +29,9 @@ def nonfinite_terms(method, images, labels) -> dict:
     return bad or {k: v for k, v in values.items() if k == "loss" and not math.isfinite(v)}
 
 
-def stop_message(name: str, where: str, terms: dict) -> str:
+def stop_message(name: str, where: str, terms: dict, stops: str = "job") -> str:
     named = ", ".join(f"{k} = {v}" for k, v in terms.items()) or "loss"
-    return f"{name}: non-finite loss at {where}: {named}; the job stops here"
+    return f"{name}: non-finite loss at {where}: {named}; the {stops} stops here"
 
 
 def stopped(method, images, labels, where: str) -> FloatingPointError:
