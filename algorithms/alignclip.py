@@ -33,7 +33,6 @@ from algorithms import backbone
 from algorithms.clipood import CLIPood, clipood_hparams, margin_logits
 from algorithms.core.hparams import HParams, choice, fixed, log_uniform, uniform
 from algorithms.core.registry import register_method
-from algorithms.finetune import base_dataset
 
 LOSS_TYPES = ("sls", "ls", "none")
 
@@ -90,11 +89,11 @@ def similarity_alignment_loss(patches: torch.Tensor, dv_patches: torch.Tensor,
 
 # --- method ---------------------------------------------------------------------------
 
-def alignclip_hparams(dataset: str | None = None) -> HParams:
-    """AlignCLIP's own recipe (zhyhan/AlignCLIP scripts): CLIPood's, but margin 0.1 on
-    DomainNet and 36 images per source domain."""
-    margin = 0.1 if base_dataset(dataset) == "DomainNet" else 0.3
-    hparams = clipood_hparams(dataset, margin=margin, batch_size=36)
+def alignclip_hparams() -> HParams:
+    """AlignCLIP's hyperparameters: CLIPood's and the alignment terms' (zhyhan/AlignCLIP);
+    its per-dataset recipe (margin 0.1 on DomainNet, 36 images per source domain, ...) is
+    in the recipe book (recipes/recipes.yaml)."""
+    hparams = clipood_hparams()
     hparams.update({
         "align_weight": log_uniform(10.0, 0.0, 1.5),          # lambda
         "aligned_layers": choice(5, (3, 4, 5, 6)),             # first L blocks
@@ -113,65 +112,59 @@ def alignclip_hparams(dataset: str | None = None) -> HParams:
 @register_method
 class AlignCLIP(CLIPood):
     name = "AlignCLIP"
-    # the tiny CLIP has 4 blocks and 16 patches; lambda 1, not 10: its CLS attention already
-    # sits on the object and lambda 10 flattens it (benchmarks/attention_foreground.py);
-    # lr 1e-4: at 3e-5 it barely moves in the demo's 100 steps (README, embedded default)
-    tiny_hparams = {**CLIPood.tiny_hparams, "aligned_layers": 2, "dv_layers": 2,
-                    "align_weight": 1.0, "lr": 1e-4}
 
     @staticmethod
-    def hparams(dataset: str | None = None) -> HParams:
-        return alignclip_hparams(dataset)
+    def hparams() -> HParams:
+        return alignclip_hparams()
 
-    def __init__(self, classnames, hparams, device=None):
-        super().__init__(classnames, hparams, device)
-        if hparams["loss_type"] not in LOSS_TYPES:
-            raise ValueError(f"loss_type {hparams['loss_type']!r} not in {LOSS_TYPES}")
-        needs_taps = hparams["use_aal"] or hparams["use_last_alignment"]
+    def __init__(self, cfg, context):
+        super().__init__(cfg, context)
+        if cfg.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type {cfg.loss_type!r} not in {LOSS_TYPES}")
+        needs_taps = cfg.use_aal or cfg.use_last_alignment
         if needs_taps and not isinstance(self.visual, backbone.VisionTransformer):
             raise NotImplementedError(f"AlignCLIP's alignment losses need a ViT; "
-                                      f"{hparams['clip_model']} is {type(self.visual).__name__}")
+                                      f"{cfg.clip_model} is {type(self.visual).__name__}")
         depth = len(self.visual.transformer.resblocks) if needs_taps else 0
-        self.attn_layers = tuple(range(min(int(hparams["aligned_layers"]), depth)))
-        self.dv_start = max(0, depth - int(hparams["dv_layers"]))
-        self.register_buffer("sls", sls_matrix(self.train_class_embeddings,
-                                               hparams["sls_sharpness"]),
+        self.attn_layers = tuple(range(min(cfg.aligned_layers, depth)))
+        self.dv_start = max(0, depth - cfg.dv_layers)
+        self.register_buffer("sls", sls_matrix(self.train_class_embeddings, cfg.sls_sharpness),
                              persistent=False)
 
     def classification_loss(self, logits, labels):
-        kind, epsilon = self.hp["loss_type"], self.hp["sls_epsilon"]
+        kind, epsilon = self.cfg.loss_type, self.cfg.sls_epsilon
         if kind == "sls":
             return soft_cross_entropy(logits, sls_targets(self.sls, labels, epsilon))
         return F.cross_entropy(logits, labels, label_smoothing=1 - epsilon if kind == "ls" else 0.0)
 
     def loss(self, images, labels):
-        hp = self.hp
-        if hp["use_aal"] or hp["use_last_alignment"]:
+        cfg = self.cfg
+        if cfg.use_aal or cfg.use_last_alignment:
             # the forward at self.precision, its outputs (tokens, attention rows) in fp32
             taps = self.run_encoder(
                 backbone.encode_image_taps, self.clip, images,
-                attn_layers=self.attn_layers if hp["use_aal"] else (),
-                dv_start=self.dv_start, dv_mode=hp["dv_mode"], visual=self.visual)
+                attn_layers=self.attn_layers if cfg.use_aal else (),
+                dv_start=self.dv_start, dv_mode=cfg.dv_mode, visual=self.visual)
             features = F.normalize(taps.cls, dim=-1)
         else:
             features = F.normalize(self.run_encoder(self.visual, images), dim=-1)
-        logits = margin_logits(features, self.train_class_embeddings, labels, hp["margin_alpha"],
+        logits = margin_logits(features, self.train_class_embeddings, labels, cfg.margin_alpha,
                                self.logit_scale)
         loss = self.classification_loss(logits, labels)
         summary: Dict[str, float] = {"loss_cls": loss.item()}
         align = torch.zeros((), device=loss.device)
-        if hp["use_aal"]:
+        if cfg.use_aal:
             target = aal_target(taps.dv_patches, self.class_embeddings[labels])
-            if hp["detach_targets"]:
+            if cfg.detach_targets:
                 target = target.detach()
             attention = layer_averaged_attention([taps.cls_attn[i] for i in self.attn_layers])
             aal = attention_alignment_loss(attention, target)
             summary["loss_aal"] = aal.item()
             align = align + aal
-        if hp["use_last_alignment"]:
+        if cfg.use_last_alignment:
             last = similarity_alignment_loss(taps.patches, taps.dv_patches,
                                              self.train_class_embeddings,
-                                             detach_target=hp["detach_targets"])
+                                             detach_target=cfg.detach_targets)
             summary["loss_last"] = last.item()
             align = align + last
-        return loss + hp["align_weight"] * align, summary
+        return loss + cfg.align_weight * align, summary

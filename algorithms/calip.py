@@ -138,7 +138,7 @@ class CALIPFSAttention(nn.Module):
 
 # --- methods ----------------------------------------------------------------------------
 
-def calip_hparams(dataset: str | None = None) -> HParams:
+def calip_hparams() -> HParams:
     hparams = dict(clip_hparams())
     hparams.update({
         "templates": fixed("simple_imagenet"),      # the reference's 7 ImageNet templates
@@ -169,20 +169,20 @@ class CALIP(_CALIPBase):
     selects_on = selection.VALIDATION
 
     @staticmethod
-    def hparams(dataset: str | None = None) -> HParams:
-        return calip_hparams(dataset)
+    def hparams() -> HParams:
+        return calip_hparams()
 
-    def __init__(self, classnames, hparams, device=None):
-        super().__init__(classnames, hparams, device)
+    def __init__(self, cfg, context):
+        super().__init__(cfg, context)
         self.register_buffer("betas", torch.tensor(
-            [float(hparams["beta2"]), float(hparams["beta3"])], dtype=torch.float64,
+            [float(cfg.beta2), float(cfg.beta3)], dtype=torch.float64,
             device=self.class_embeddings.device))
         self.selected: Optional[Dict[str, float]] = None
         self._weights_fingerprint: Optional[str] = None
 
     def scores(self, images: torch.Tensor) -> CALIPScores:
         global_feat, spatial = self.image_features(images)
-        return calip_scores(global_feat, spatial, self.class_embeddings, self.hp["attn_scale"])
+        return calip_scores(global_feat, spatial, self.class_embeddings, self.cfg.attn_scale)
 
     def update(self, images, labels):
         beta2, beta3 = self.betas.tolist()
@@ -190,7 +190,7 @@ class CALIP(_CALIPBase):
 
     def predict(self, images):
         global_feat, spatial = self.image_features(images)
-        scores = calip_scores(global_feat, spatial, self.class_embeddings, self.hp["attn_scale"])
+        scores = calip_scores(global_feat, spatial, self.class_embeddings, self.cfg.attn_scale)
         beta2, beta3 = self.betas.tolist()
         # zero-shot term written as CLIPMethod.predict: beta2 = beta3 = 0 is ZSCLIP exactly
         zero_shot = self.logit_scale * global_feat @ self.class_embeddings.T
@@ -203,11 +203,11 @@ class CALIP(_CALIPBase):
         (`selects_on`): (images, labels) batches."""
         scores = self.held_out_scores(batches, data_key)
         device = self.betas.device
-        hp = self.hp
+        cfg = self.cfg
         result = grid_search(
             *(scores[k].to(device) for k in ("s0", "s2", "s3", "labels")),
-            beta_grid(hp["beta2_max"], hp["beta_grid"], hp["beta_min"]),
-            beta_grid(hp["beta3_max"], hp["beta_grid"], hp["beta_min"]))
+            beta_grid(cfg.beta2_max, cfg.beta_grid, cfg.beta_min),
+            beta_grid(cfg.beta3_max, cfg.beta_grid, cfg.beta_min))
         beta2, beta3, accuracy = result.best()
         self.betas.copy_(torch.tensor([beta2, beta3], dtype=torch.float64))
         self.selected = {"beta2": beta2, "beta3": beta3, "select_acc": accuracy,
@@ -222,10 +222,10 @@ class CALIP(_CALIPBase):
             trained = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
             self._weights_fingerprint = tensors_fingerprint(
                 list(self.clip.state_dict().items()) + trained)
-        return {"format": CACHE_FORMAT, "clip_model": self.hp["clip_model"],
+        return {"format": CACHE_FORMAT, "clip_model": self.cfg.clip_model,
                 "weights": self._weights_fingerprint, "classnames": self.classnames,
-                "templates": list(backbone.resolve_templates(self.hp["templates"])),
-                "attn_scale": float(self.hp["attn_scale"]), "precision": self.precision,
+                "templates": list(backbone.resolve_templates(self.cfg.templates)),
+                "attn_scale": float(self.cfg.attn_scale), "precision": self.precision,
                 "data": data_key}
 
     @torch.no_grad()
@@ -266,7 +266,7 @@ class CALIPFS(_CALIPBase):
     trains = True
 
     @staticmethod
-    def hparams(dataset: str | None = None) -> HParams:
+    def hparams() -> HParams:
         hparams = dict(clip_hparams())
         hparams.update({
             "templates": fixed("simple_imagenet"),
@@ -276,31 +276,29 @@ class CALIPFS(_CALIPBase):
             "lr": log_uniform(2e-3, -3.5, -2.0),
             "momentum": fixed(0.9),
             "weight_decay": fixed(5e-4),
-            "batch_size": choice(32, (16, 32)),
-            "total_steps": fixed(5000),
         })
         return hparams
 
-    def __init__(self, classnames, hparams, device=None):
-        super().__init__(classnames, hparams, device)
+    def __init__(self, cfg, context):
+        super().__init__(cfg, context)
         dim = self.class_embeddings.shape[1]
-        hidden = int(hparams["hidden_dim"])
-        self.attention = CALIPFSAttention(dim, (hidden, hidden)).to(self.class_embeddings.device)
-        self.optimizer = torch.optim.SGD(self.attention.parameters(), lr=hparams["lr"],
-                                         momentum=hparams["momentum"],
-                                         weight_decay=hparams["weight_decay"])
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=max(1, int(hparams["total_steps"])))
+        self.attention = CALIPFSAttention(dim, (cfg.hidden_dim, cfg.hidden_dim)).to(
+            self.class_embeddings.device)
+
+    def trainable_parameters(self):
+        return self.attention.parameters()
+
+    def make_optimizer(self, params):
+        return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
 
     def forward_logits(self, images):
         global_feat, spatial = self.image_features(images)
         scores = self.attention(global_feat, spatial, self.class_embeddings)
-        return self.logit_scale * scores.combine(float(self.hp["beta2"]), float(self.hp["beta3"]))
+        return self.logit_scale * scores.combine(float(self.cfg.beta2), float(self.cfg.beta3))
 
-    def update(self, images, labels):
-        with self.fp32():
-            loss = F.cross_entropy(self.forward_logits(images)[:, :self.train_classes], labels)
-        return {"loss": self.step(loss)}
+    def loss(self, images, labels):
+        return F.cross_entropy(self.forward_logits(images)[:, :self.train_classes], labels), {}
 
     def predict(self, images):
         return self.forward_logits(images)

@@ -21,32 +21,14 @@ from algorithms.core.hparams import HParams, choice, fixed, log_uniform
 from algorithms.core.method import CLIPMethod, clip_hparams
 from algorithms.core.registry import register_method
 
-LARGE_DATASETS = ("OfficeHome", "DomainNet")  # reference lr 1e-5 instead of 5e-6
 
-
-BATCH_CHOICES = {12: (8, 12, 16, 24), 36: (24, 32, 36, 48)}  # random search around the default
-
-
-def base_dataset(dataset: str | None) -> str | None:
-    """DomainBed's name of a dataset, without the open-world suffix ('OfficeHomeOpen')."""
-    return dataset[:-len("Open")] if dataset and dataset.endswith("Open") else dataset
-
-
-def reference_steps(dataset: str | None) -> int:
-    """10 epochs x 500 iterations; DomainNet 20 (CLIPood scripts.sh, AlignCLIP's fork)."""
-    return 10000 if base_dataset(dataset) == "DomainNet" else 5000
-
-
-def finetune_hparams(dataset: str | None = None, bma: bool = True,
-                     batch_size: int = 36) -> HParams:
-    lr = 1e-5 if base_dataset(dataset) in LARGE_DATASETS else 5e-6
+def finetune_hparams(bma: bool = True) -> HParams:
+    """The fine-tuning hyperparameters; per-dataset values (lr 1e-5 on OfficeHome and
+    DomainNet, ...) are in the recipe book (recipes/recipes.yaml)."""
     hparams = dict(clip_hparams())
     hparams.update({
-        "lr": log_uniform(lr, -5.7, -4.7),
+        "lr": log_uniform(5e-6, -5.7, -4.7),
         "weight_decay": log_uniform(0.1, -2.0, 0.0),
-        "batch_size": choice(batch_size, BATCH_CHOICES[batch_size]),  # per source domain
-        # cosine and BMA length; in DomainBed it follows the job's --steps (see the adapter)
-        "total_steps": fixed(reference_steps(dataset)),
         "bma": fixed(bma),
         "bma_beta": choice(0.5, (0.1, 0.5, 1.0)),
     })
@@ -88,32 +70,22 @@ class VisualFinetuner(CLIPMethod):
     """Trains `self.visual` (CLIP's image tower, shared with self.clip). Subclasses
     implement `loss(images, labels) -> (loss, summary)`."""
     trains = True
-    tiny_hparams = {"lr": 3e-5}  # the demo's tiny CLIP, 100 steps (README: embedded default)
 
     @staticmethod
-    def hparams(dataset: str | None = None) -> HParams:
-        return finetune_hparams(dataset)
+    def hparams() -> HParams:
+        return finetune_hparams()
 
-    def __init__(self, classnames, hparams, device=None):
-        super().__init__(classnames, hparams, device)
+    def __init__(self, cfg, context):
+        super().__init__(cfg, context)
         self.visual = self.clip.visual.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(self.visual.parameters(), lr=hparams["lr"],
-                                           weight_decay=hparams["weight_decay"])
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=max(1, int(hparams["total_steps"])))
-        self.bma = (BetaMovingAverage(self.visual, hparams["bma_beta"], hparams["total_steps"])
-                    if hparams["bma"] else None)
+        self.bma = (BetaMovingAverage(self.visual, cfg.bma_beta, context.total_steps)
+                    if cfg.bma else None)
 
-    def loss(self, images, labels):
-        raise NotImplementedError
+    def trainable_parameters(self):
+        return self.visual.parameters()
 
-    def update(self, images, labels) -> Dict[str, float]:
-        with self.fp32():  # the encoder runs at self.precision inside (run_encoder)
-            loss, summary = self.loss(images, labels)
-        summary["loss"] = self.step(loss)
-        if self.bma is not None:
-            summary["bma_weight"] = self.bma.update(self.visual)
-        return summary
+    def after_step(self) -> Dict[str, float]:
+        return {"bma_weight": self.bma.update(self.visual)} if self.bma is not None else {}
 
     def eval_visual(self) -> nn.Module:
         return self.bma.average if self.bma is not None else self.visual
@@ -132,8 +104,8 @@ class CLIPFT(VisualFinetuner):
     name = "CLIPFT"
 
     @staticmethod
-    def hparams(dataset: str | None = None) -> HParams:
-        return finetune_hparams(dataset, bma=False)
+    def hparams() -> HParams:
+        return finetune_hparams(bma=False)
 
     def loss(self, images, labels):
         features = F.normalize(self.run_encoder(self.visual, images), dim=-1)

@@ -11,6 +11,3 @@ from algorithms.core.registry import register_method
 class ZeroShotCLIP(CLIPMethod):
     name = "ZSCLIP"
     cache_features = True  # predict's features from the shared feature cache
-
-    def update(self, images, labels):
-        return {}

@@ -150,11 +150,11 @@ def main(argv=None):
     methods = {}
     for label, name, overrides in runs:
         method_cls = get_method(name)
-        hparams = dict(method_cls.default_hparams(), clip_model=args.clip_model,
-                       clip_pretrained=args.clip_pretrained, lr=args.lr, total_steps=args.steps,
-                       **overrides)
+        values = dict(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                      lr=args.lr, **overrides)
         torch.manual_seed(args.seed)
-        methods[label] = method_cls(list(world.CLASSES), hparams, device="cpu")
+        methods[label] = method_cls.create(list(world.CLASSES), values, device="cpu",
+                                           total_steps=args.steps)
     first = methods[runs[1][0]]
     layers, grid = first.attn_layers, first.visual.grid_size[0]
     foreground = torch.stack([patch_foreground(item[2], grid) for item in test_items])

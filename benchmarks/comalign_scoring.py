@@ -11,8 +11,9 @@ Configs (images x captions, embed dim, 10 entity + 10 relation slots per side, a
   5,000 images are kept and the captions cut to each of `--captions` (default 500 and
   2,000); time is scaled linearly to 25,000 captions (every text chunk costs the same;
   the two cuts show it), memory is not scaled: it does not grow with the captions (at
-  most one [I, text_chunk] score matrix per direction, a running top-10 and one
-  [image_chunk, text_chunk, 10, 10] cross tensor; the two cuts show that too).
+  most one [I, text_chunk] score matrix per direction, one [image_chunk, text_chunk, 10,
+  10] cross tensor and the recall counters of common/retrieval.py, 11 floats per image
+  and per caption: 1 MB for 25,000 captions; the two cuts show that too).
 Each (config, captions, scorer) runs in a fresh process. Time: wall clock and process
 CPU time (user + system, all threads; steadier than wall time on a shared machine),
 both scaled as above. Peak memory: the process's
@@ -79,7 +80,7 @@ def _peak_mb(reset: bool) -> float:
 
 
 def _side(n, D, device, valid_e=0.6, valid_r=0.4, seed=0):
-    from algorithms.comalign_head import Side
+    from algorithms.comalign.head import Side
     g = torch.Generator().manual_seed(seed)
     em, rm = torch.rand(n, 10, generator=g) < valid_e, torch.rand(n, 10, generator=g) < valid_r
     em[:, 0] = True
@@ -90,7 +91,7 @@ def _side(n, D, device, valid_e=0.6, valid_r=0.4, seed=0):
 
 def run_one(config: str, scorer: str, device: str, full: bool, image_chunk: int,
             text_chunk: int, captions: int = SCALED_CAPTIONS[0]) -> dict:
-    from algorithms.comalign_head import chunked_retrieval
+    from algorithms.comalign.head import chunked_retrieval
     I, T, D = CONFIGS[config]
     T_run = T if (full or config == "tiny") else min(captions, T)
     images, texts = _side(I, D, device, seed=0), _side(T_run, D, device, seed=1)

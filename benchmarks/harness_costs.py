@@ -46,8 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import calip_grid_search  # noqa: E402
 import step_time  # noqa: E402
+import recipes  # noqa: E402
 from algorithms import backbone  # noqa: E402
-from algorithms.core.method import choose_precision  # noqa: E402
+from algorithms.core.precision import choose_precision  # noqa: E402
 from algorithms.core.registry import get_method, methods  # noqa: E402
 from common import cli, env, paths  # noqa: E402
 from common.files import write_json_atomic  # noqa: E402
@@ -164,9 +165,10 @@ def _taps_loss(taps):
 
 
 def section_taps(model, sizes, device, log):
-    from algorithms.core.method import autocast
+    from algorithms.core.precision import autocast
     align = get_method("AlignCLIP")
-    hp = {**align.default_hparams(), **(align.tiny_hparams if model.startswith("tiny") else {})}
+    hp = {**align.default_hparams(),
+          **(recipes.values("AlignCLIP", "tiny") if model.startswith("tiny") else {})}
     torch.manual_seed(0)
     clip, _ = backbone.load_clip(model, None, device=device)
     clip.visual.requires_grad_(True)

@@ -24,10 +24,11 @@ CLASSES = 10
 
 def build(name, model, weights, device, precision="auto", **overrides):
     method_cls = get_method(name)
-    hparams = dict(method_cls.default_hparams(), clip_model=model, clip_pretrained=weights,
-                   precision=precision, **overrides)
+    total_steps = overrides.pop("total_steps", None)
+    values = dict(clip_model=model, clip_pretrained=weights, precision=precision, **overrides)
     torch.manual_seed(0)
-    return method_cls(["class %d" % i for i in range(CLASSES)], hparams, device=device).train()
+    return method_cls.create(["class %d" % i for i in range(CLASSES)], values, device=device,
+                             total_steps=total_steps).train()
 
 
 def timed_step(method, images, labels, device):

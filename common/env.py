@@ -7,14 +7,14 @@ from typing import Optional
 
 from common import paths
 
-NUM_WORKERS = "CLIPBENCH_NUM_WORKERS"          # DomainBed loader workers per environment (default below)
+NUM_WORKERS = "CLIPBENCH_NUM_WORKERS"          # loader workers: per DomainBed environment (default below), pretraining.evaluate (default 0)
 PARALLEL_JOBS = "CLIPBENCH_PARALLEL_JOBS"      # jobs at once of the local_parallel launcher (default: cores)
 CACHE = "CLIPBENCH_CACHE"                      # feature-cache folder; "off" disables
 COOP_DIR = "CLIPBENCH_COOP_DIR"                # CoOp checkout (default third_party/CoOp)
 OPENAI_CLIP_DIR = "CLIPBENCH_OPENAI_CLIP_DIR"  # local OpenAI CLIP files for CoOp's trainers
 TRACEBACK = "CLIPBENCH_TRACEBACK"              # 1: the traceback, not one `error:` line (common/cli.py)
-# the Slurm launcher (sweeps/slurm.py): DomainBed's `--command_launcher slurm` and the CoOp
-# protocols' `--launcher slurm`; values and defaults in sweeps/slurm.py's docstring
+# the Slurm launcher (common/slurm.py): DomainBed's `--command_launcher slurm` and the CoOp
+# protocols' `--launcher slurm`; values and defaults in common/slurm.py's docstring
 SLURM_CONFIG = "CLIPBENCH_SLURM_CONFIG"        # YAML file of the options below (lowercase keys)
 SLURM = {name: f"CLIPBENCH_SLURM_{name.upper()}" for name in (
     "partition", "time", "gpus", "cpus", "mem", "array_parallelism", "sbatch", "setup",

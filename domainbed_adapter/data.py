@@ -9,9 +9,9 @@ a training split smaller than the batch is an error (upstream's loader would spi
 forever).
 
 Held-out data: train.py splits each environment with misc.split_dataset before it
-builds the algorithm, and passes the dataset's hparams dict to the algorithm. The
-wrapped split_dataset remembers every split, the wrapped dataset which dataset and test
-environments belong to which hparams dict. "validation" = the training environments'
+builds the algorithm. The wrapped dataset starts the process's job
+(domainbed_adapter/job.py), the wrapped split_dataset remembers each training
+environment's out-split in it. "validation" = the training environments'
 out-splits (what DomainBed's training-domain validation selects on); "test" = every
 image (in, out and uda splits) of the test environments. Both are read with the eval
 transform. DomainBed itself evaluates training-env out-splits with the training
@@ -20,9 +20,7 @@ eval transform too, so training-domain validation and in-domain accuracy are not
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import numpy as np
 import torch
@@ -31,13 +29,14 @@ from algorithms import backbone
 from algorithms.core import selection
 from algorithms.core.classnames import classnames_from_folders
 from common import cli, env
+from domainbed_adapter import job
 
 HELD_OUT_BATCH_SIZE = 64
-_DATASETS = {}    # id(hparams) -> (hparams, dataset, test_envs)
-_OUT_SPLITS = {}  # id(split dataset) -> (that dataset, its out-split)
-_EVAL_TRANSFORMS = {}  # id(training env of a harness algorithm) -> (env, eval transform)
-_OPEN_TEST_ENVS = {}  # id(test env of an open-world variant) -> (env, base class count)
-_OPEN_REST = {}       # id(its in-split: base rest + open) -> (in-split, base class count)
+# set on upstream's objects: a training environment's transform for its held-out images
+# (harness algorithms), an open-world test environment's and its in-split's base classes
+EVAL_TRANSFORM = "clipbench_eval_transform"
+OPEN_BASE_CLASSES = "clipbench_open_base_classes"
+OPEN_REST = "clipbench_open_rest_base_classes"
 
 
 def _checked_loader(loader):
@@ -71,16 +70,15 @@ def patch_image_folder(module):
             environment.loader = _checked_loader(environment.loader)
         if "clip_model" not in hparams:  # not a harness algorithm: upstream behaviour
             return
-        hparams["class_names"] = class_names
+        self.clipbench_class_names = class_names
         size = backbone.image_size_of(hparams["clip_model"])
         for i, environment in enumerate(self.datasets):
             environment.transform = backbone.clip_transform(
                 size, train=augment and i not in test_envs)
             if i not in test_envs:  # its held-out images are evaluated without augmentation
-                _EVAL_TRANSFORMS[id(environment)] = (environment,
-                                                     backbone.clip_transform(size, train=False))
+                setattr(environment, EVAL_TRANSFORM, backbone.clip_transform(size, train=False))
         self.input_shape = (3, size, size)
-        _DATASETS[id(hparams)] = (hparams, self, tuple(test_envs))
+        job.dataset_built(self, test_envs, hparams)
 
     image_folder.__init__ = __init__
 
@@ -116,15 +114,18 @@ def remember_splits(misc):
     upstream = misc.split_dataset
 
     def split_dataset(dataset, n, seed=0):
-        if id(dataset) in _OPEN_TEST_ENVS:
+        if hasattr(dataset, OPEN_BASE_CLASSES):
             out, in_ = _split_open_test_env(misc, dataset, n, seed)
-        elif id(dataset) in _OPEN_REST:
+        elif hasattr(dataset, OPEN_REST):
             return _split_open_classes(misc, dataset)
         else:
             out, in_ = upstream(dataset, n, seed)
-            if id(dataset) in _EVAL_TRANSFORMS:
-                out = _EvalImages(dataset, out.keys, _EVAL_TRANSFORMS[id(dataset)][1])
-        _OUT_SPLITS[id(dataset)] = (dataset, out)
+            if hasattr(dataset, EVAL_TRANSFORM):
+                out = _EvalImages(dataset, out.keys, getattr(dataset, EVAL_TRANSFORM))
+        running = job.current()
+        index = running.environment_index(dataset) if running else None
+        if index is not None:
+            running.out_splits[index] = out
         return out, in_
 
     misc.split_dataset = split_dataset
@@ -140,7 +141,7 @@ def remember_splits(misc):
 # model selection never reads uda keys.
 
 def mark_open_test_env(environment, base_classes: int) -> None:
-    _OPEN_TEST_ENVS[id(environment)] = (environment, base_classes)
+    setattr(environment, OPEN_BASE_CLASSES, base_classes)
 
 
 def _label(dataset, index) -> int:
@@ -150,19 +151,19 @@ def _label(dataset, index) -> int:
 
 
 def _split_open_test_env(misc, environment, n, seed):
-    _, base_classes = _OPEN_TEST_ENVS[id(environment)]
+    base_classes = getattr(environment, OPEN_BASE_CLASSES)
     base = [i for i in range(len(environment)) if _label(environment, i) < base_classes]
     opened = [i for i in range(len(environment)) if _label(environment, i) >= base_classes]
     np.random.RandomState(seed).shuffle(base)
     n_base = int(len(base) * n / max(1, len(environment)))  # the same holdout fraction
     out = misc._SplitDataset(environment, base[:n_base])
     in_ = misc._SplitDataset(environment, base[n_base:] + opened)
-    _OPEN_REST[id(in_)] = (in_, base_classes)
+    setattr(in_, OPEN_REST, base_classes)
     return out, in_
 
 
 def _split_open_classes(misc, in_split):
-    _, base_classes = _OPEN_REST[id(in_split)]
+    base_classes = getattr(in_split, OPEN_REST)
     labels = [_label(in_split, i) for i in range(len(in_split))]
     uda = misc._SplitDataset(in_split, [i for i, y in enumerate(labels) if y >= base_classes])
     rest = misc._SplitDataset(in_split, [i for i, y in enumerate(labels) if y < base_classes])
@@ -211,28 +212,27 @@ class _EvalImages(torch.utils.data.Dataset):
         return self.transform(self.underlying_dataset.loader(path)), label
 
 
-def held_out_data(hparams, which):
-    """(loader, data_key) of the `which` data (selection.VALIDATION or TEST) of the run
-    that owns this hparams dict, or None when this process built no splits for it
-    (the algorithm was not built by train.py)."""
-    entry = _DATASETS.get(id(hparams))
-    if entry is None or entry[0] is not hparams:
+def held_out_data(running, which):
+    """(loader, data_key) of the `which` data (selection.VALIDATION or TEST) of a
+    DomainBed job (domainbed_adapter/job.py), or None when there is no job or it built no
+    splits (the algorithm was not built by train.py)."""
+    if running is None:
         return None
-    _, dataset, test_envs = entry
+    dataset, test_envs = running.dataset, running.test_envs
     environments = list(dataset.datasets)
     if which == selection.VALIDATION:
         parts = []
         for i, environment in enumerate(environments):
             if i not in test_envs:
-                recorded = _OUT_SPLITS.get(id(environment))
+                recorded = running.out_splits.get(i)
                 if recorded is None:
                     return None
-                parts.append((environment, recorded[1].keys))
+                parts.append((environment, recorded.keys))
     else:
         parts = [(environments[i], range(len(environments[i]))) for i in test_envs]
     if not parts:
         return None
-    transform = backbone.clip_transform(backbone.image_size_of(hparams["clip_model"]),
+    transform = backbone.clip_transform(backbone.image_size_of(running.hparams["clip_model"]),
                                         train=False)
     views = [_EvalImages(environment, indices, transform) for environment, indices in parts]
     loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(views),
@@ -243,18 +243,3 @@ def held_out_data(hparams, which):
            "envs": [environment.root for environment, _ in parts], "transform": repr(transform),
            "items": [sample for view in views for sample in view.samples]}
     return loader, key
-
-
-def job_steps(hparams):
-    """The number of update steps of the DomainBed job that owns `hparams` (train.py's
-    --steps, else the dataset's N_STEPS), or None outside train.py."""
-    main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None) != "domainbed.scripts.train":
-        return None
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--steps", type=int, default=None)
-    steps = parser.parse_known_args(sys.argv[1:])[0].steps
-    entry = _DATASETS.get(id(hparams))
-    if steps is None and entry is not None:
-        steps = getattr(entry[1], "N_STEPS", None)
-    return steps

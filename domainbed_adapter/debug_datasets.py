@@ -3,7 +3,8 @@ names) for the harness's algorithms, so that upstream's unit tests
 (domainbed/test/test_models.py builds every registered algorithm on them, updates it
 and checks the shape of its predictions) pass with the harness installed:
 - hyperparameters: the tiny CLIP (`tiny-vit`, random weights: nothing is downloaded)
-  with each method's `tiny_hparams`, as default and as every random draw;
+  with the recipe book's `tiny` values (recipes/recipes.yaml), as default and as every
+  random draw;
 - the dataset: placeholder class names (`class 0`, `class 1`; a `class_names` given in
   --hparams wins) and images at the model's size (`input_shape` follows the model, as
   for image folders). Upstream's algorithms see the datasets unchanged."""
@@ -20,14 +21,14 @@ def placeholder_class_names(num_classes: int) -> list:
 def patch_hparams(module) -> None:
     """Wrap hparams_registry._hparams: a harness algorithm on a Debug dataset runs on the
     tiny CLIP with its tiny_hparams."""
+    import recipes
     from algorithms.core import registry
     upstream = module._hparams
 
     def _hparams(algorithm, dataset, random_seed):
         hparams = upstream(algorithm, dataset, random_seed)
-        methods = registry.methods()
-        if dataset in DEBUG_DATASETS and algorithm in methods:
-            for key, value in {**TINY_MODEL, **methods[algorithm].tiny_hparams}.items():
+        if dataset in DEBUG_DATASETS and algorithm in registry.methods():
+            for key, value in {**TINY_MODEL, **recipes.values(algorithm, "tiny")}.items():
                 if key in hparams:
                     hparams[key] = (value, value)
         return hparams
@@ -49,11 +50,14 @@ def patch_datasets(module) -> None:
         upstream_init(self, root, test_envs, hparams)
         if "clip_model" not in hparams:
             return
-        hparams.setdefault("class_names", placeholder_class_names(self.num_classes))
+        from domainbed_adapter import job
+        self.clipbench_class_names = (hparams.get("class_names")
+                                      or placeholder_class_names(self.num_classes))
         size = backbone.image_size_of(hparams["clip_model"])
         if tuple(self.input_shape) != (3, size, size):
             self.input_shape = (3, size, size)
             self.datasets = [TensorDataset(torch.randn(len(env), *self.input_shape),
                                            env.tensors[1]) for env in self.datasets]
+        job.dataset_built(self, test_envs, hparams)
 
     debug.__init__ = __init__

@@ -10,16 +10,13 @@ registry for the job's hyperparameters, before anything is built; other callers 
 registry and upstream's own algorithms are unchanged."""
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 from algorithms.core import registry
 from algorithms.core.hparams import check_overrides
-
-TRAIN_SCRIPT = "domainbed.scripts.train"
-# read from hparams by domainbed_adapter (data.py, methods.py, open_world.py), not declared
-# by a method; the value stands for the JSON type
+from domainbed_adapter import job
+# read from hparams by domainbed_adapter/job.py for datasets that do not give them, not
+# declared by a method; the value stands for the JSON type
 DATASET_KEYS = {
     "class_names": [],    # class names for a dataset without class folders (MNIST, Debug)
     "train_classes": 0,   # train on the first N classes only (open-world variants set it)
@@ -30,15 +27,8 @@ OPEN_WORLD_KEYS = {"open_ratio": 0.5}  # <Name>Open datasets only
 def train_overrides(algorithm: str, dataset: str):
     """The parsed `--hparams` of train.py when this process is train.py running
     (algorithm, dataset); None otherwise or when it has none."""
-    main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None) != TRAIN_SCRIPT:
-        return None
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--algorithm", default="ERM")  # train.py's defaults
-    parser.add_argument("--dataset", default="RotatedMNIST")
-    parser.add_argument("--hparams")
-    args = parser.parse_known_args(sys.argv[1:])[0]
-    if (args.algorithm, args.dataset) != (algorithm, dataset) or not args.hparams:
+    args = job.train_args()
+    if args is None or (args.algorithm, args.dataset) != (algorithm, dataset) or not args.hparams:
         return None
     try:
         return json.loads(args.hparams)

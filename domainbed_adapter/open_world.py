@@ -12,8 +12,9 @@ int((1 - open_ratio) * C) are "base", the rest "open" (hparams `open_ratio`, def
   base-class images (`env<t>_in_acc`: base accuracy) and its uda split every
   open-class image (`env<k>_uda_acc` for the k-th test environment: open accuracy),
   both classified among all classes (domainbed_adapter/data.py).
-- hparams["train_classes"] tells the harness's methods the base classes: their training
-  losses use the base classes' text classifier, their predictions every class's.
+- the dataset's `base_classes` becomes the job context's `train_classes`
+  (domainbed_adapter/job.py): the methods' training losses use the base classes' text
+  classifier, their predictions every class's.
 Why variants: DomainBed's train.py, sweep, selection and collect_results run as they are;
 the open scores sit in keys its model selection does not read. Differences from CLIPood:
 its base score covers all base images of the target domain (here the out-split's 20 %
@@ -61,8 +62,7 @@ def register(datasets_module) -> None:
                     data.mark_open_test_env(environment, base_classes)
                 else:
                     restrict_to_base_classes(environment, base_classes)
-            hparams["train_classes"] = base_classes
-            self.base_classes = base_classes
+            self.base_classes = base_classes  # the job's training classes (job.py)
 
         variant = type(name, (base_cls,), {"__init__": __init__,
                                            "__module__": datasets_module.__name__})

@@ -8,7 +8,7 @@ import sys
 
 
 def _register_launchers(module):
-    from sweeps.launchers import DOMAINBED_LAUNCHERS
+    from domainbed_adapter.launchers import DOMAINBED_LAUNCHERS
     for name, launcher in DOMAINBED_LAUNCHERS.items():
         module.REGISTRY.setdefault(name, launcher)
 
@@ -64,11 +64,11 @@ def _refuse_small_splits(module):
 
 
 def _exclude_damaged_jobs(module):
-    """load_records: a job whose results.jsonl is damaged (results/records.py) is left
-    out whole, with one line naming file and line (upstream crashes or, with a
-    tolerant reader, scores the job on its remaining lines)."""
+    """load_records: a job whose results.jsonl is damaged (common/records.py, the reader
+    the harness's collector uses too) is left out whole, with one line naming file and
+    line (upstream crashes or, with a tolerant reader, scores the job on its remaining lines)."""
     from pathlib import Path
-    from results.records import read_domainbed_job
+    from common.records import read_domainbed_job
 
     def load_records(path):
         records = []

@@ -4,9 +4,10 @@ evaluated alike.
 
     python -m pretraining.compare --world data/world [--seeds 0 1] [--epochs N]
 
-Each run is `python -m pretraining.imsep` (open_clip_train; without the IMSep flags it is
-plain open_clip training, so all three go through the same trainer and the same command
-line apart from --model and the loss flags):
+Each run is `python -m pretraining.imsep` (open_clip_train, entered through
+pretraining/open_clip_run.py; without the IMSep flags it is plain open_clip training, so
+all three go through the same trainer and the same command line apart from --model and
+the loss flags; each run's facts land in its logs/train/run.json):
   CLIP             tiny-clip-w64, open_clip's ClipLoss
   SharedCLIP       tiny-sharedclip (towers tied), ClipLoss
   AlignCLIP-IMSep  tiny-sharedclip + --clip-inModality-loss --nl_semantic_supervision

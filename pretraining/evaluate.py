@@ -6,7 +6,8 @@ linear_probing}.py`) do, plus modality-gap measures. One JSON record per run.
         [--zeroshot SPEC ...] [--retrieval SPEC ...] [--linear-probe SPEC ...] [--gap SPEC ...] \
         --out DIR [--method LABEL] [--templates openai_imagenet] [--seed N]
 
-SPEC: `TYPE:PATH[,KEY=VALUE...]`, see pretraining/datasets.py (cifar10, cifar100, folder,
+SPEC: `TYPE:PATH[,KEY=VALUE...]` (common/readers.py parse_spec), see pretraining/datasets.py
+(cifar10, cifar100, folder,
 world / coco, karpathy, pairs, world). Examples:
     --zeroshot cifar10:/data/cifar --zeroshot folder:/data/imagenet-r,classnames=classnames.txt
     --zeroshot world:data/world --retrieval coco:captions_val2017.json,images=val2017
@@ -26,7 +27,8 @@ Metrics (accuracies and recalls in %):
   top-1 and top-5 (top-5 is null with 5 classes or fewer).
 - retrieval, R@K for K = 1, 5, 10, S = T I^T: text->image: the caption's own image is among
   the K most similar images; image->text: any of the image's captions is among the K most
-  similar captions (reference `main/retrieval.py`, CLIP_benchmark).
+  similar captions (reference `main/retrieval.py`, CLIP_benchmark); ties count against the
+  query (common/retrieval.py, the rule ComAlign's evaluation shares).
 - linear probe: one nn.Linear on frozen normalised image features, cross-entropy, AdamW
   (weight decay 0.01, 0 on the bias), lr 0.005 with a cosine schedule over all steps, no
   warmup, 32 epochs (reference `main/linear_probing.py`); batch size 64 and shuffling
@@ -36,7 +38,9 @@ Metrics (accuracies and recalls in %):
 - gap: pretraining/modality_gap.py on each image's first caption (`captions=all`: every
   pair), plus a PCA figure `projection_<set>.png` and the embeddings `gap_<set>.npz`.
 
-Output: DIR/pretraining_eval.json (kind "pretraining_eval", written atomically, last) and
+Output: DIR/pretraining_eval.json (kind "pretraining_eval", written atomically, last; its
+"run" block: common/run_facts.py, protocol pretraining, stage eval, backbone = --model,
+weights_digest = the checkpoint's sha256, precision fp32, dataset = the specs) and
 figures beside it. Bad input (missing file or folder, wrong JSON layout, unknown model,
 unloadable checkpoint) prints one line `error: ...` and exits 2 before anything is written.
 """
@@ -53,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import cli
+from common import cli, env, readers
 from pretraining import datasets as ds
 
 RECORD_NAME = "pretraining_eval.json"
@@ -61,6 +65,7 @@ KIND = "pretraining_eval"
 FORMAT = 1
 RECALL_KS = (1, 5, 10)
 PROBE_LR, PROBE_WD = 0.005, 0.01  # the reference's linear-probe recipe
+PRECISION = "fp32"  # open_clip's default: the model and features in float32
 
 
 class EvalError(ValueError):
@@ -134,7 +139,7 @@ def resolve_templates(value: str):
 
 
 def _workers():
-    return int(os.environ.get("CLIPBENCH_NUM_WORKERS", "0"))
+    return env.num_workers() or 0
 
 
 def image_features(model, dataset, device="cpu", batch_size=256, desc="images",
@@ -184,23 +189,13 @@ def topk_accuracy(logits, labels, ks=(1, 5)) -> dict:
 
 def retrieval_recalls(similarity, text_to_image, ks=RECALL_KS) -> dict:
     """R@K in both directions from S[t, i] = cos(text t, image i) (n_texts x n_images);
-    text_to_image[t] = index of caption t's image. An image counts as found in image->text
-    when any of its captions is in its top K."""
-    import torch
-    sim = torch.as_tensor(similarity, dtype=torch.float32)
-    t2i = torch.as_tensor(text_to_image, dtype=torch.long)
-    n_texts, n_images = sim.shape
-    out = {"text_to_image": {}, "image_to_text": {}}
-    for k in ks:
-        kk = min(k, n_images)
-        top = sim.topk(kk, dim=1).indices                          # texts x K images
-        hit = (top == t2i[:, None]).any(1)
-        out["text_to_image"][f"R@{k}"] = round(100.0 * hit.float().mean().item(), 4)
-        kk = min(k, n_texts)
-        top = sim.T.topk(kk, dim=1).indices                        # images x K texts
-        found = (t2i[top] == torch.arange(n_images)[:, None]).any(1)
-        out["image_to_text"][f"R@{k}"] = round(100.0 * found.float().mean().item(), 4)
-    return out
+    text_to_image[t] = index of caption t's image; rounded to 4 decimals. An image counts
+    as found in image->text when any of its captions is in its top K; ties count against
+    the query (common/retrieval.py)."""
+    from common import retrieval
+    out = retrieval.retrieval_recalls(similarity, text_to_image, ks)
+    return {direction: {k: round(v, 4) for k, v in recalls.items()}
+            for direction, recalls in out.items()}
 
 
 def train_linear_probe(train_x, train_y, num_classes, epochs=32, lr=PROBE_LR, wd=PROBE_WD,
@@ -348,13 +343,13 @@ def prepare(args) -> dict:
         raise EvalError("nothing to evaluate: give --zeroshot, --retrieval, --linear-probe "
                         "or --gap")
     zs = [s for t in args.zeroshot
-          for s in ds.zeroshot_sets(ds.parse_spec(t, ds.ZEROSHOT_TYPES))]
-    rt = [ds.retrieval_set(ds.parse_spec(t, ds.RETRIEVAL_TYPES)) for t in args.retrieval]
-    lp = [ds.linear_probe_sets(ds.parse_spec(t, ds.LINEAR_PROBE_TYPES))
+          for s in ds.zeroshot_sets(readers.parse_spec(t, ds.ZEROSHOT_TYPES))]
+    rt = [ds.retrieval_set(readers.parse_spec(t, ds.RETRIEVAL_TYPES)) for t in args.retrieval]
+    lp = [ds.linear_probe_sets(readers.parse_spec(t, ds.LINEAR_PROBE_TYPES))
           for t in args.linear_probe]
     gaps = []
     for t in args.gap:
-        spec = ds.parse_spec(t, ds.RETRIEVAL_TYPES)
+        spec = readers.parse_spec(t, ds.RETRIEVAL_TYPES)
         mode = spec.options.pop("captions", "first")
         if mode not in ("first", "all"):
             raise EvalError(f"--gap {t!r}: captions= takes first or all")
@@ -410,10 +405,32 @@ def evaluate(args) -> Path:
             record["figures"].append(fig.name)
     record["order"] = {k: list(record[k]) for k in ("zeroshot", "retrieval", "linear_probe",
                                                     "gap")}  # the JSON's keys are sorted
+    record["run"] = run_record(args, record["method"])
     record.update(seconds=round(time.time() - start, 1),
                   created=datetime.datetime.now().isoformat(timespec="seconds"),
                   command=["python", "-m", "pretraining.evaluate", *args.argv])
     return write_json_atomic(out / RECORD_NAME, record)
+
+
+def run_record(args, method: str) -> dict:
+    """The record's run facts (common/run_facts.py): the evaluation settings as config."""
+    from common.run_facts import file_digest, run_facts
+    weights = args.checkpoint
+    if args.model.startswith("local-dir:"):  # an exported folder's weights file
+        folder = Path(args.model[len("local-dir:"):])
+        weights = next((folder / n for n in ("open_clip_model.safetensors",
+                                             "open_clip_pytorch_model.bin")
+                        if (folder / n).is_file()), None)
+    specs = {"zeroshot": args.zeroshot, "retrieval": args.retrieval,
+             "linear_probe": args.linear_probe, "gap": args.gap}
+    config = {**{k: list(v) for k, v in specs.items()}, "templates": args.templates,
+              "probe_epochs": args.probe_epochs, "probe_batch_size": args.probe_batch_size,
+              "batch_size": args.batch_size}
+    return run_facts(protocol="pretraining", stage="eval", method=method, config=config,
+                     precision=PRECISION, backbone=args.model,
+                     weights_digest=file_digest(weights) if weights else None,
+                     dataset=" | ".join(t for v in specs.values() for t in v) or None,
+                     seeds={"seed": args.seed})
 
 
 def main(argv=None) -> int:
@@ -422,7 +439,7 @@ def main(argv=None) -> int:
     args.argv = argv
     try:
         path = evaluate(args)
-    except (ds.DataError, EvalError) as e:
+    except (readers.DataError, EvalError) as e:
         print(f"error: {cli.one_line(e)}", file=sys.stderr)
         return 2
     print(path)

@@ -26,22 +26,20 @@ and this package's:
   --precompute-only          write the caption-embedding sidecars and stop (run this once
                              before a multi-process run: its ranks only read them)
 
-How it hooks in (open_clip_train/main.py imports these names into its module, and they are
-replaced there for the duration of the run, then restored):
-  - parse_args: open_clip_train's own parser; this module's flags are parsed first and
-    removed from the argument list;
-  - create_model_and_transforms: pretraining.sharedclip's, so shared configs are tied; with
-    semantic supervision a forward hook adds each batch's `sentence_features`;
-  - create_loss: IMSepLoss with open_clip_train's --local-loss, --gather-with-grad, rank and
-    world size (the reference calls create_loss(args, epoch), which its factory does not
-    accept; this one runs);
-  - torch's DistributedDataParallel: open_clip_train passes `device_ids=[device]`, which torch
-    refuses for a CPU module; on CPU the ids are dropped, so `torchrun` with
-    `--device cpu --dist-backend gloo` runs (GPU runs are untouched);
-  - torch.save: a file is written to a hidden temporary beside it and renamed, so a run
-    killed while saving leaves no half epoch_N.pt for `--resume latest` to pick;
-  - the loss (either one) is wrapped: a non-finite loss or term (clip_loss, imsep_loss)
-    stops the run at that step, before its update, with one line naming the term.
+How it hooks in: through pretraining/open_clip_run.py, the one entry into open_clip_train,
+which runs its main() with a model factory and a loss factory (and, for every such run,
+CPU-tolerant DDP, atomic torch.save, a stop on a non-finite loss term; see there):
+  - this module's flags are parsed first and removed from the argument list; the rest is
+    open_clip_train's own command line;
+  - model factory: pretraining.sharedclip's (shared configs are tied); with semantic
+    supervision a forward hook adds each batch's `sentence_features`;
+  - loss factory: IMSepLoss with open_clip_train's --local-loss, --gather-with-grad, rank
+    and world size (the reference calls create_loss(args, epoch), which its factory does
+    not accept; this one runs), else open_clip's ClipLoss.
+When the run finishes, `<logs>/<name>/run.json` (rank 0, atomically) holds its facts
+(common/run_facts.py: protocol pretraining, stage train, method CLIP | SharedCLIP |
+AlignCLIP-IMSep, the loss/model flags, precision, model, digest of --pretrained when a
+file, train data, seed).
 A killed run resumes from its last saved epoch (one every --save-frequency epochs) when
 rerun with open_clip_train's own `--resume latest`.
 The checkpoint is open_clip_train's (<logs>/<name>/checkpoints/epoch_N.pt); a plain
@@ -58,11 +56,7 @@ import argparse
 import logging
 import os
 import sys
-from unittest import mock
 
-import torch
-
-from algorithms.core import nonfinite
 from common import cli
 from pretraining import sentences, sharedclip
 from pretraining.imsep_loss import IMSepLoss
@@ -157,14 +151,16 @@ def prepare_sentences(opts, train_args) -> dict:
     return {"sidecars": sidecars, "encoder": None}
 
 
-def sentence_hook(opts, args, prepared) -> sentences.SentenceFeatures:
+def sentence_hook(opts, model_name, model_kwargs, prepared) -> sentences.SentenceFeatures:
+    """The forward hook adding `sentence_features`; model_kwargs: what open_clip_train
+    passed to the model factory (device, cache_dir, force_context_length)."""
     import open_clip
-    tokenizer = open_clip.get_tokenizer(args.model, cache_dir=args.cache_dir,
-                                        context_length=args.force_context_length)
+    tokenizer = open_clip.get_tokenizer(model_name, cache_dir=model_kwargs.get("cache_dir"),
+                                        context_length=model_kwargs.get("force_context_length"))
     encoder = prepared["encoder"]
     if encoder is not None:
         index = sentences.CaptionIndex(prepared["captions"], tokenizer)
-        encoder.to(args.device).eval()
+        encoder.to(model_kwargs["device"]).eval()
         for p in encoder.parameters():
             p.requires_grad_(False)
     else:
@@ -176,54 +172,33 @@ def sentence_hook(opts, args, prepared) -> sentences.SentenceFeatures:
     return sentences.SentenceFeatures(index, encoder, opts.sentence_batch_size)
 
 
-def cpu_tolerant_ddp(ddp_class):
-    """DistributedDataParallel that drops device ids for a CPU module (torch rejects them)."""
-    def build(module, *args, device_ids=None, **kwargs):
-        if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
-            device_ids = None
-        return ddp_class(module, *args, device_ids=device_ids, **kwargs)
-    return build
+def method_name(opts, model: str) -> str:
+    if opts.clip_inmodality_loss:
+        return METHOD
+    return "SharedCLIP" if sharedclip.is_shared(model) else "CLIP"
 
 
-def atomic_torch_save(save):
-    """torch.save that writes a file path to a hidden temporary beside it, renamed when
-    complete (common/files.py): a run killed while saving epoch_N.pt leaves no half
-    checkpoint for `--resume latest` to pick (its glob skips hidden files)."""
-    from common.files import atomic_path
+def run_record(opts, train_args, rest) -> dict:
+    """The run's facts (common/run_facts.py) for `<logs>/<name>/run.json`."""
+    from pathlib import Path
 
-    def atomic(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)):
-            with atomic_path(f) as tmp:
-                return save(obj, tmp, *args, **kwargs)
-        return save(obj, f, *args, **kwargs)
-    return atomic
-
-
-class StopOnNonFinite(torch.nn.Module):
-    """The run's loss; the first step whose loss (or a term of it: IMSepLoss's clip_loss,
-    imsep_loss) is not finite stops the run, before its backward, with one line naming the
-    method, the step and the term(s). Training steps are counted from this process's start."""
-
-    def __init__(self, loss, method: str):
-        super().__init__()
-        self.loss, self.method, self.steps = loss, method, 0
-
-    def forward(self, *args, **kwargs):
-        out = self.loss(*args, **kwargs)
-        parts = out if isinstance(out, dict) else {"loss": out}
-        bad = {k: float(v.detach().sum()) for k, v in parts.items()
-               if torch.is_tensor(v) and not bool(torch.isfinite(v).all())}
-        if bad:
-            raise FloatingPointError(nonfinite.stop_message(
-                self.method, f"step {self.steps} of this run", bad, stops="run"))
-        self.steps += 1
-        return out
+    from common.run_facts import file_digest, run_facts
+    loss = {k: v for k, v in vars(opts).items() if k != "precompute_only"}
+    return {"run": run_facts(
+        protocol="pretraining", stage="train", method=method_name(opts, train_args.model),
+        config={"loss": loss, "open_clip_train": list(rest)}, precision=train_args.precision,
+        backbone=train_args.model, weights_digest=file_digest(train_args.pretrained),
+        dataset=Path(str(train_args.train_data)).name if train_args.train_data else None,
+        seeds={"seed": train_args.seed})}
 
 
 def run(argv) -> int:
     """open_clip_train.main.main with SharedCLIP configs and, if asked, IMSepLoss."""
-    from open_clip_train import main as oc_main
+    from open_clip_train.distributed import is_master
     from open_clip_train.params import parse_args as oc_parse_args
+
+    from common.files import write_json_atomic
+    from pretraining import open_clip_run
 
     opts, rest = imsep_parser().parse_known_args(argv)
     sharedclip.register_model_configs()
@@ -233,39 +208,32 @@ def run(argv) -> int:
     if opts.precompute_only:
         print("\n".join(map(str, prepared.get("sidecars", []))))
         return 0
-
-    seen = {}
-    original_create_loss = oc_main.create_loss
-
-    def parse_args(args):
-        seen["args"] = oc_parse_args(args)
-        return seen["args"]
+    hooked = []
 
     def create_model_and_transforms(model_name, pretrained=None, **kwargs):
         out = sharedclip.create_model_and_transforms(model_name, pretrained, **kwargs)
-        args = seen["args"]
-        if needs_sentences(opts) and model_name == args.model and "hook" not in seen:
-            seen["hook"] = sentence_hook(opts, args, prepared).attach(out[0])
+        if needs_sentences(opts) and model_name == train_args.model and not hooked:
+            hooked.append(sentence_hook(opts, model_name, kwargs, prepared).attach(out[0]))
         return out
 
-    def create_loss(args, *_):
+    def create_loss(args):
         if not opts.clip_inmodality_loss:
-            return StopOnNonFinite(original_create_loss(args), "SharedCLIP (ClipLoss)")
+            return open_clip_run.default_loss_factory(args)
         loss = make_loss(opts, args)
         logging.info(f"{METHOD}: {loss.__class__.__name__}(alpha={loss.alpha}, beta={loss.beta}, "
                      f"image={loss.separate_image}, text={loss.separate_text}, "
                      f"semantic={loss.semantic}, rescale_ablation={loss.rescale_ablation}, "
                      f"local_loss={loss.local_loss}, gather_with_grad={loss.gather_with_grad})")
-        return StopOnNonFinite(loss, METHOD)
+        return loss
 
-    with mock.patch.object(oc_main, "parse_args", parse_args), \
-            mock.patch.object(oc_main, "create_model_and_transforms", create_model_and_transforms), \
-            mock.patch.object(oc_main, "create_loss", create_loss), \
-            mock.patch.object(torch.nn.parallel, "DistributedDataParallel",
-                              cpu_tolerant_ddp(torch.nn.parallel.DistributedDataParallel)), \
-            mock.patch.object(torch, "save", atomic_torch_save(torch.save)):
-        result = oc_main.main(list(rest))
-    return 0 if result is None else 1
+    method = method_name(opts, train_args.model)
+    code, args = open_clip_run.train(
+        rest, method if opts.clip_inmodality_loss else f"{method} (ClipLoss)",
+        model_factory=create_model_and_transforms, loss_factory=create_loss)
+    if code == 0 and args is not None and args.logs and is_master(args):
+        write_json_atomic(os.path.join(args.logs, args.name, "run.json"),
+                          run_record(opts, train_args, rest))
+    return code
 
 
 def main(argv=None) -> int:

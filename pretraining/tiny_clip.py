@@ -35,6 +35,7 @@ from common.paths import CLIP_CACHE, REPO
 DEFAULT_CACHE_DIR = CLIP_CACHE
 CHECKPOINT_NAME = "tiny-clip.pt"
 REPORT_NAME = "tiny-clip.json"
+METHOD = "CLIP"  # open_clip's CLIP and ClipLoss
 TRAIN_FLAG = "--open-clip-train"  # `python -m pretraining.tiny_clip --open-clip-train ARGS...`
 _FORMAT = 1  # bump when what is cached changes meaning
 
@@ -143,10 +144,10 @@ def follow_open_clip_train(cmd: list, stdout: Path, out_log: Path, epochs: int, 
 
 
 def _open_clip_train_main(args: list) -> int:
-    from algorithms import backbone
-    from open_clip_train import main as train_main
-    backbone.register_model_configs()
-    return 0 if train_main.main(args) is None else 1
+    """open_clip_train through pretraining/open_clip_run.py, open_clip's model and loss."""
+    from pretraining import open_clip_run
+    code, _ = open_clip_run.train(args, METHOD)
+    return code
 
 
 def text_tower_init(model: str, text_checkpoint, seed: int, out) -> Path:
@@ -216,10 +217,9 @@ def zero_shot_eval(model_name: str, checkpoint, paths: dict, templates="photo",
     from algorithms.core import registry
     from pretraining.datasets import ImageFiles
     from clipworld import generate as world
-    hparams = {**registry.get_method("ZSCLIP").default_hparams(),
-               "clip_model": model_name, "clip_pretrained": str(checkpoint),
-               "templates": templates}
-    method = registry.get_method("ZSCLIP")(list(world.CLASSES), hparams, device=device)
+    method = registry.get_method("ZSCLIP").create(
+        list(world.CLASSES), {"clip_model": model_name, "clip_pretrained": str(checkpoint),
+                              "templates": templates}, device=device)
     method.eval()
     transform = backbone.clip_transform(backbone.image_size_of(model_name), train=False)
     folders = [world.class_folder(c) for c in world.CLASSES]
@@ -285,6 +285,7 @@ def pretrain(world_root, cache_dir=DEFAULT_CACHE_DIR, config: PretrainConfig | N
                     lambda final: cached_checkpoint(cache_dir, key) is not None) as work:
         init = text_tower_init(config.model, text_from, config.seed, work / "init.pt") \
             if text_from else None
+        facts = run_record(config, paths, init)
         start = time.time()
         run_open_clip_train(open_clip_train_args(config, paths, work / "logs", init))
         train_seconds = time.time() - start
@@ -299,9 +300,22 @@ def pretrain(world_root, cache_dir=DEFAULT_CACHE_DIR, config: PretrainConfig | N
                   "world_root": str(world_root), "train_seconds": round(train_seconds, 1),
                   "final_val_clip_loss": val_loss, "zero_shot": zero_shot,
                   "checkpoint": CHECKPOINT_NAME, "open_clip_train_log": "logs/train/out.log",
-                  "open_clip_train_stdout": "logs/train.stdout"}
+                  "open_clip_train_stdout": "logs/train.stdout", "run": facts}
         write_json_atomic(work / REPORT_NAME, report)
     return cached_checkpoint(cache_dir, key)
+
+
+def run_record(config: PretrainConfig, paths: dict, init) -> dict:
+    """The report's "run" block (common/run_facts.py); init: the starting checkpoint
+    (the text tower's stage) or None for random weights."""
+    from common.run_facts import file_digest, run_facts
+    flags = {k: v for k, v in dataclasses.asdict(config).items() if k != "text_tower_from"}
+    return run_facts(protocol="pretraining", stage="train", method=METHOD,
+                     config={**flags, "text_tower_from": config.text_tower_from.model
+                             if config.text_tower_from else None},
+                     precision="fp32",  # open_clip_train_args
+                     backbone=config.model, weights_digest=file_digest(init),
+                     dataset=Path(paths["pairs_train_csv"]).name, seeds={"seed": config.seed})
 
 
 def read_report(checkpoint) -> dict:

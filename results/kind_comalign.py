@@ -1,24 +1,27 @@
 """ComAlign evaluations: `<run dir>/comalign_eval.json`, written by `python -m
-pretraining.comalign_eval` ({"kind": "comalign_eval", "model", "checkpoint", "head",
+algorithms.comalign.evaluate` ({"kind": "comalign_eval", "model", "checkpoint", "head",
 "retrieval": {set: {row: {image_to_text: {R@1, R@5, R@10}, text_to_image: {...}},
 num_images, num_captions}}, "compositional": {set: {row: {subset: acc, average},
-num_items}}}; recalls and accuracies in %).
+num_items}}, "run": run facts (common/run_facts.py)}; recalls and accuracies in %).
 
-Rows are "<row> · <model>[, head]" where <row> is "CLIP" (plain CLIP on the same
-embeddings) or "ComAlign (<fusion>)"; records of the same row (seeds, reruns) are
-averaged (mean ± population std, n = records). Tables, one per benchmark:
+The backbone (CLIP model) and precision are read from each record's "run" block. Rows
+are "<row> · <backbone>[, precision][, identity head]" where <row> is "CLIP" (plain CLIP
+on the same embeddings) or "ComAlign (<fusion>)" (the precision joins the label when the
+records differ in it); records that differ in backbone or precision are never pooled;
+records of the same row (reruns) are averaged (mean ± population std, n = records).
+Every table notes the precision(s) and backbone(s) it shows. Tables, one per benchmark:
 - comalign_retrieval_<set>: I→T and T→I R@1/5/10;
 - comalign_compositional_<set>: accuracy per subset (SugarCrepe's seven, ARO's, the
   generated set's replace_att/obj/rel) and their average.
-Malformed records are skipped with a warning naming the file.
+Malformed records and records without a valid "run" block are skipped with a warning
+naming the file.
 """
 from __future__ import annotations
 
 import re
 import warnings
 
-from common.files import read_json
-from results.kinds import Kind, register
+from results.kinds import Kind, records_with_facts, register
 from results.tables import Cell, Table, mean_std
 
 KIND = "comalign_eval"
@@ -33,23 +36,29 @@ def _slug(name: str) -> str:
 
 def load_records(paths) -> list:
     out = []
-    for path in paths:
-        rec = read_json(path)
-        if not isinstance(rec, dict) or rec.get("kind") != KIND:
-            continue
+    for path, rec, run in records_with_facts(paths, KIND):
         if not isinstance(rec.get("retrieval", {}), dict) or \
-                not isinstance(rec.get("compositional", {}), dict) or "model" not in rec:
-            warnings.warn(f"{path}: skipping a comalign_eval record without model/retrieval/"
-                          "compositional")
+                not isinstance(rec.get("compositional", {}), dict) or \
+                not isinstance(run.get("backbone"), str):
+            warnings.warn(f"{path}: skipping a comalign_eval record without run backbone/"
+                          "retrieval/compositional")
             continue
         out.append(rec)
     return out
 
 
-def _label(rec, row):
-    suffix = rec["model"] + (", identity head" if rec.get("head") == "identity"
-                             and row != "CLIP" else "")
+def _label(rec, row, with_precision=False):
+    run = rec["run"]
+    suffix = run["backbone"] + (f", {run['precision']}" if with_precision else "") + \
+        (", identity head" if rec.get("head") == "identity" and row != "CLIP" else "")
     return f"{row} · {suffix}"
+
+
+def _facts_note(records) -> str:
+    precisions = sorted({str(r["run"]["precision"]) for r in records})
+    backbones = sorted({r["run"]["backbone"] for r in records})
+    return (f"Precision: {', '.join(precisions)}; backbone: {', '.join(backbones)} "
+            f"(rows never pool records that differ in either).")
 
 
 def _cell(values):
@@ -58,14 +67,17 @@ def _cell(values):
 
 
 def _rows(records, section, set_name):
+    """[(label, entries)]; the label names backbone and (when records differ in it)
+    precision, so records that differ in either are never pooled."""
     groups = {}
+    with_precision = len({str(r["run"]["precision"]) for r in records}) > 1
     for rec in records:
         entry = rec.get(section, {}).get(set_name)
         if not isinstance(entry, dict):
             continue
         for row, values in entry.items():
             if isinstance(values, dict):
-                groups.setdefault(_label(rec, row), []).append(values)
+                groups.setdefault(_label(rec, row, with_precision), []).append(values)
     order = lambda label: (0 if label.startswith("CLIP") else 1, label)
     return [(label, groups[label]) for label in sorted(groups, key=order)]
 
@@ -115,4 +127,6 @@ class ComAlignKind(Kind):
             for rec in records:
                 sets += [s for s in rec.get(section, {}) if s not in sets]
             tables += [build(records, s) for s in sets]
+        for t in tables:
+            t.notes.append(_facts_note(records))
         return tables

@@ -1,16 +1,20 @@
 """Dassl/CoOp runs: `<run dir>/results.json` written by trainers/dassl_adapter.py
 ({"kind": "dassl", "trainer", "dataset", "subsample_classes", "num_shots", "seed",
-"split", "num_classes", "metrics": {"accuracy", ...}}, accuracy in %).
+"split", "num_classes", "metrics": {"accuracy", ...}, "run": {...}}, accuracy in %).
 
-Protocol of a run: its record's "protocol" field when present (`base2new`, `xd`, `dg`,
-`fewshot`, `source`); else inferred:
-- subsample_classes base or new -> base-to-new;
-- ImageNetV2 / ImageNetSketch / ImageNetA / ImageNetR -> domain generalization target;
-- ImageNet (all classes) -> the source column of the cross-dataset and DG tables (of
-  the few-shot table when there are no cross-dataset or DG targets);
-- any other dataset, all classes: num_shots > 0 -> few-shot on that dataset (it was
-  trained there), else -> cross-dataset target (evaluated with a model trained on
-  ImageNet, as CoCoOp's xd_test.sh does; zero-shot methods land here too).
+Where a run goes is read from its run facts ("run", common/run_facts.py), never guessed
+from folders or dataset names:
+- protocol base2new (stage base / new) -> the base-to-new tables;
+- protocol cross_dataset / domain_generalization, stage target -> the cross-dataset / DG
+  table; stage source (the ImageNet model both evaluate) -> their source column (of the
+  all-classes table when there are no cross-dataset or DG targets);
+- protocol dassl (a plain train_coop.py run, stage test): subsample_classes base or new ->
+  the base-to-new tables, all classes -> the all-classes table (trained and tested on
+  one dataset).
+A record without valid run facts (written before they were recorded) is left out as
+incomplete, like a damaged one. Rows never pool runs that differ in backbone or
+precision (the run facts'): with one setting each table names it in a note, with several
+each row does.
 
 Tables: per dataset Base / New / HM and their average over datasets (CoCoOp Table 1),
 cross-dataset and DG (rows trainers, columns datasets). Cells are mean ± std over seeds
@@ -20,28 +24,35 @@ base and mean new accuracy, and the average row's HM that of the averaged base a
 counts are pooled, with a note). Only `split == "test"` results are tabulated. A run
 folder with a Dassl log but no results.json is counted as unfinished; one whose
 results.json is damaged (truncated, corrupt, a dassl record without the fields above:
-results/records.py) is left out as incomplete, never scored, and named (file and line)
+common/records.py) is left out as incomplete, never scored, and named (file and line)
 in a warning and in the notes of every Dassl table.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.records import Damage, read_json
+from common.run_facts import check_facts
 from results import reference
 from results.kinds import Kind, register
-from results.records import Damage, read_json
-from results.tables import Cell, Table, harmonic_mean, mean_std
+from results.tables import Cell, Table, harmonic_mean, mean_std, setting_note
 
 IMAGENET = "ImageNet"
 DG_TARGETS = ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 # CoOp's DATASET.NAME of the 11 datasets, in the published tables' order
 BASE2NEW = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101",
             "FGVCAircraft", "SUN397", "DescribableTextures", "EuroSAT", "UCF101")
-PROTOCOLS = ("base2new", "xd", "dg", "fewshot", "source")
+PROTOCOLS = ("base2new", "xd", "dg", "fewshot", "source")  # where a run is tabulated
+# (run facts' protocol, stage) -> where; None: by subsample_classes (see the docstring)
+PLACES = {("base2new", "base"): "base2new", ("base2new", "new"): "base2new",
+          ("cross_dataset", "source"): "source", ("cross_dataset", "target"): "xd",
+          ("domain_generalization", "source"): "source",
+          ("domain_generalization", "target"): "dg", ("dassl", "test"): None}
 REQUIRED = ("trainer", "dataset", "subsample_classes", "seed", "metrics")
 
 
@@ -55,6 +66,9 @@ class Run:
     protocol: str
     accuracy: float
     path: str
+    backbone: str = ""
+    precision: str = ""
+    method: str = ""  # the trainer's name (published rows match it); `trainer` is the row
 
 
 @dataclass
@@ -71,16 +85,24 @@ class Runs:
 # --- loading ------------------------------------------------------------------------
 
 def protocol_of(record) -> str:
-    if record.get("protocol") in PROTOCOLS:
-        return record["protocol"]
-    dataset, shots = record["dataset"], int(record.get("num_shots") or -1)
-    if record["subsample_classes"] in ("base", "new"):
-        return "base2new"
-    if dataset in DG_TARGETS:
-        return "dg"
-    if dataset == IMAGENET:
-        return "source"
-    return "fewshot" if shots > 0 else "xd"
+    """Where a run is tabulated (one of PROTOCOLS), from its run facts."""
+    place = PLACES[record["run"]["protocol"], record["run"]["stage"]]
+    if place is None:
+        return "base2new" if record["subsample_classes"] in ("base", "new") else "fewshot"
+    return place
+
+
+def facts_problem(record) -> str | None:
+    """Why a dassl record's run facts cannot place it (None: they can)."""
+    try:
+        facts = check_facts(record.get("run"), "run")
+    except ValueError as e:
+        return f"{e} (a record written before they were recorded?)"
+    if (facts["protocol"], facts["stage"]) not in PLACES:
+        return f"run facts of protocol {facts['protocol']!r}, stage {facts['stage']!r}"
+    if not facts["backbone"] or not facts["precision"]:
+        return "run facts without backbone or precision"
+    return None
 
 
 def _integer(value) -> bool:
@@ -102,13 +124,16 @@ def run_problem(record) -> str | None:
     if not (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool)
             and math.isfinite(accuracy) and 0 <= accuracy <= 100):
         bad.append("metrics.accuracy")
-    return f"a dassl record with an invalid {', '.join(bad)}" if bad else None
+    if bad:
+        return f"a dassl record with an invalid {', '.join(bad)}"
+    return facts_problem(record)
 
 
 def to_run(record, path) -> Run:
     return Run(record["trainer"], record["dataset"], record["subsample_classes"],
                int(record.get("num_shots") or -1), int(record["seed"]), protocol_of(record),
-               float(record["metrics"]["accuracy"]), str(path))
+               float(record["metrics"]["accuracy"]), str(path), str(record["run"]["backbone"]),
+               str(record["run"]["precision"]), record["trainer"])
 
 
 def load_runs(paths) -> Runs:
@@ -140,13 +165,28 @@ def load_runs(paths) -> Runs:
                 warnings.warn(f"{damage}: skipped (no Dassl log beside it)")
             continue
         run = to_run(record, path)
-        key = (run.trainer, run.dataset, run.subsample, run.shots, run.seed, run.protocol)
+        key = (run.trainer, run.dataset, run.subsample, run.shots, run.seed, run.protocol,
+               run.backbone, run.precision)
         if key in seen:
             warnings.warn(f"{path}: same run as {seen[key]}; keeping the first")
             continue
         seen[key] = path
         runs.runs.append(run)
     return runs
+
+
+def by_setting(runs) -> list[Run]:
+    """With several (backbone, precision) settings among `runs`, each run's row becomes
+    `<trainer> (<backbone>, <precision>)`: no cell pools two settings."""
+    if len({(r.backbone, r.precision) for r in runs}) <= 1:
+        return list(runs)
+    return [dataclasses.replace(r, trainer=f"{r.method} ({r.backbone}, {r.precision})")
+            for r in runs]
+
+
+def method_of(runs) -> dict:
+    """Row label -> trainer name (the key published rows match)."""
+    return {r.trainer: r.method or r.trainer for r in runs}
 
 
 # --- tables -------------------------------------------------------------------------
@@ -177,7 +217,7 @@ def base2new_tables(runs, refs, notes) -> list[Table]:
     per = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in runs:
         per[r.trainer, r.dataset][r.subsample].append(r)
-    trainers = sorted({r.trainer for r in runs})
+    trainers, keys = sorted({r.trainer for r in runs}), method_of(runs)
     tables, means = [], collections.defaultdict(dict)  # trainer -> dataset -> (base, new)
     for dataset in dataset_order({r.dataset for r in runs}):
         table = Table(f"dassl_base2new_{dataset}", f"Base-to-new: {dataset}",
@@ -187,17 +227,18 @@ def base2new_tables(runs, refs, notes) -> list[Table]:
             if not subs:
                 continue
             base, new = seed_cell(subs["base"]), seed_cell(subs["new"])
-            table.add(trainer, [base, new, Cell(harmonic_mean(base.mean, new.mean))], key=trainer)
+            table.add(trainer, [base, new, Cell(harmonic_mean(base.mean, new.mean))],
+                      key=keys[trainer])
             if base.mean is not None and new.mean is not None:
                 means[trainer][dataset] = (base.mean, new.mean)
         reference.attach(table, reference.select(refs, dataset=dataset),
                          lambda ref: {"base": "Base", "new": "New", "hm": "HM"}.get(ref.metric))
         tables.append(table)
-    tables.append(base2new_average(means, refs, notes))
+    tables.append(base2new_average(means, refs, notes, keys))
     return tables
 
 
-def base2new_average(means, refs, notes) -> Table:
+def base2new_average(means, refs, notes, keys) -> Table:
     table = Table("dassl_base2new_average", "Base-to-new: average over datasets",
                   ["Base", "New", "HM"], digits=2, figure_column="HM",
                   notes=[*notes, "Average over the datasets where a method has both base and new "
@@ -210,7 +251,7 @@ def base2new_average(means, refs, notes) -> Table:
         complete = set(BASE2NEW) <= set(means[trainer])
         label = trainer if complete else f"{trainer} ({len(pairs)} datasets)"
         table.add(label, [Cell(base, n=len(pairs)), Cell(new, n=len(pairs)),
-                          Cell(harmonic_mean(base, new))], key=trainer if complete else None)
+                          Cell(harmonic_mean(base, new))], key=keys[trainer] if complete else None)
     reference.attach(table, reference.select(refs, dataset="Average"),
                      lambda ref: {"base": "Base", "new": "New", "hm": "HM"}.get(ref.metric))
     return table
@@ -224,12 +265,13 @@ def transfer_table(name, title, runs, refs, notes,
     columns = ([IMAGENET] if any(r.dataset == IMAGENET for r in runs) else []) + datasets
     table = Table(name, title, [*columns, "Average"], digits=2,
                   notes=notes + shot_notes(runs))
+    keys = method_of(runs)
     for trainer in sorted({r.trainer for r in runs}):
         mine = [r for r in runs if r.trainer == trainer]
         cells = [seed_cell([r for r in mine if r.dataset == d]) for d in columns]
         targets = [c.mean for d, c in zip(columns, cells) if d != IMAGENET]
         average = None if None in targets or not targets else sum(targets) / len(targets)
-        table.add(trainer, [*cells, Cell(average)], key=trainer)
+        table.add(trainer, [*cells, Cell(average)], key=keys[trainer])
     reference.attach(table, refs, lambda ref: ref.dataset)
     table.notes.append(average_note)
     return table
@@ -247,6 +289,8 @@ def unfinished_notes(runs: Runs) -> list[str]:
         notes.append(f"{len(runs.damaged)} run(s) left out as incomplete, their results.json "
                      "damaged: " + "; ".join(f"{d.where(short=True)} ({d.reason})"
                                              for d in runs.damaged) + ".")
+    if runs.runs:
+        notes.append(setting_note({(r.backbone, r.precision) for r in runs.runs}))
     return notes
 
 
@@ -261,7 +305,7 @@ class Dassl(Kind):
     def tables(self, runs: Runs, refs) -> list[Table]:
         notes = unfinished_notes(runs)
         by = collections.defaultdict(list)
-        for r in runs.runs:
+        for r in by_setting(runs.runs):
             by[r.protocol].append(r)
         tables = []
         if by["base2new"]:

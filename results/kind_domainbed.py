@@ -4,9 +4,18 @@ checkpoint) and a `done` marker when the job finished.
 Loading is ours and strict about what it scores: a job without `done` is left out and
 counted (its cells show "—", never 0); a finished job whose results.jsonl is damaged (a
 truncated or corrupt line, a record without the keys model selection needs, a doubled
-record, records cut off before the last step: results/records.py) is left out too, as
+record, records cut off before the last step: common/records.py) is left out too, as
 incomplete, never scored on its remaining lines: one warning and a note under each of
-its tables name the file and the line. The numbers are
+its tables name the file and the line. So is a job of a harness algorithm (its hparams
+name a `clip_model`) whose records carry no valid run facts (`hparams["run"]`,
+common/run_facts.py: written before they were recorded). Upstream's algorithms (ERM, ...)
+record no run facts: their environment names and step count come from the imported
+`domainbed.datasets` class (ENVIRONMENTS, N_STEPS), else `env<i>`.
+
+Rows never pool runs that differ in backbone or precision (read from the run facts;
+upstream's algorithms: DomainBed's own network, `hparams["precision"]` else fp32): with
+one setting in a sweep each table names it in a note, with several each row does. The
+numbers are
 upstream's: records are grouped by `domainbed.lib.reporting.get_grouped_records`
 ((trial_seed, dataset, algorithm, test_env); inside, the selection methods group by
 hparams_seed) and each selection method of `domainbed.model_selection` picks the test
@@ -21,20 +30,19 @@ On a complete sweep both agree.
 """
 from __future__ import annotations
 
-import ast
 import collections
-import importlib.util
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from common.records import (Damage, dataset_environments, dataset_of, in_domain_accuracy,
+                            read_domainbed_job)
+from common.run_facts import check_facts
 from results import reference
 from results.kinds import Kind, register
-from results.records import Damage, dataset_of, read_domainbed_job
-from results.tables import Cell, Table, mean_se
+from results.tables import Cell, Table, mean_se, setting_note
 
 # (file-name tag, DomainBed selection method): upstream's three default methods
 SELECTIONS = (("iid", "IIDAccuracySelectionMethod"),
@@ -65,8 +73,76 @@ def job_dirs(paths) -> list[Path]:
 
 
 def load_job(job: Path, finished: bool = True) -> tuple[list, Damage | None]:
-    """(records, damage) of a job folder (results/records.py)."""
-    return read_domainbed_job(job, finished)
+    """(records, damage) of a job folder (common/records.py); a finished job of a harness
+    algorithm without valid run facts is damaged too."""
+    records, damage = read_domainbed_job(job, finished)
+    if damage is None and finished:
+        damage = facts_problem(job / "results.jsonl", records)
+    return records, damage
+
+
+UPSTREAM_BACKBONE = "DomainBed's own network"
+HARNESS_PROTOCOLS = ("domainbed", "domainbed_open")
+
+
+def facts_of(record) -> dict | None:
+    hparams = record.get("hparams")
+    return hparams.get("run") if isinstance(hparams, dict) else None
+
+
+def facts_problem(path: Path, records) -> Damage | None:
+    """Why a finished job's records cannot be tabulated by their run facts (None: they
+    can). A record of upstream's algorithms has none and needs none."""
+    for record in records:
+        facts, hparams = facts_of(record), record.get("hparams")
+        if facts is None:
+            if isinstance(hparams, dict) and "clip_model" in hparams:
+                return Damage(path, None, "a harness job's record without run facts "
+                              "(hparams.run; written before they were recorded)")
+            continue
+        try:
+            check_facts(facts, "hparams.run")
+        except ValueError as e:
+            return Damage(path, None, str(e))
+        if facts["protocol"] not in HARNESS_PROTOCOLS or not facts["backbone"] \
+                or not facts["precision"]:
+            return Damage(path, None, f"hparams.run of protocol {facts['protocol']!r}, "
+                          f"backbone {facts['backbone']!r}, precision {facts['precision']!r}")
+    return None
+
+
+def setting_of(record) -> tuple[str, str]:
+    """(backbone, precision) of the run that wrote `record`."""
+    facts = facts_of(record)
+    if facts is not None:
+        return str(facts["backbone"]), str(facts["precision"])
+    hparams = record.get("hparams") if isinstance(record.get("hparams"), dict) else {}
+    return (str(hparams.get("clip_model") or UPSTREAM_BACKBONE),
+            str(hparams.get("precision") or "fp32"))
+
+
+def by_setting(records) -> tuple[list, dict]:
+    """(records, keys): with several (backbone, precision) settings among `records`, each
+    record's algorithm becomes `<algorithm> (<backbone>, <precision>)`, so that no row or
+    selection group pools two settings; keys maps a row label to its algorithm (which
+    published rows match)."""
+    settings = {setting_of(r) for r in records}
+    keys = {r["args"]["algorithm"]: r["args"]["algorithm"] for r in records}
+    if len(settings) <= 1:
+        return records, keys
+    labelled, keys = [], {}
+    for r in records:
+        label = "{} ({}, {})".format(r["args"]["algorithm"], *setting_of(r))
+        keys[label] = r["args"]["algorithm"]
+        labelled.append({**r, "args": {**r["args"], "algorithm": label}})
+    return labelled, keys
+
+
+def rekey(table: Table, keys: dict) -> Table:
+    for row in table.rows:
+        if row.role == "measured" and row.key in keys:
+            row.key = keys[row.key]
+    return table
 
 
 def load_sweep(paths) -> Sweep:
@@ -104,36 +180,14 @@ def upstream():
     return model_selection, reporting, Q
 
 
-@lru_cache(maxsize=None)
-def upstream_environments() -> dict[str, list[str]]:
-    """ENVIRONMENTS of each class in domainbed/datasets.py, read without importing it
-    (importing it loads torchvision and WILDS); plus the harness's datasets."""
-    names = {}
-    spec = importlib.util.find_spec("domainbed")
-    if spec and spec.submodule_search_locations:
-        source = Path(list(spec.submodule_search_locations)[0]) / "datasets.py"
-        for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.ClassDef):
-                for stmt in node.body:
-                    if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-                            and getattr(stmt.targets[0], "id", None) == "ENVIRONMENTS"):
-                        try:
-                            value = ast.literal_eval(stmt.value)
-                        except ValueError:
-                            continue
-                        if isinstance(value, list):
-                            names[node.name] = [str(e) for e in value]
-    try:
-        from clipworld import domainbed_dataset, generate
-        names[domainbed_dataset.NAME] = sorted(generate.DOMAINS)
-    except Exception:  # the harness's datasets are a nicety for labels only
-        pass
-    return names
-
-
-def env_names(dataset: str, n_envs: int) -> list[str]:
-    known = upstream_environments()
-    names = known.get(dataset) or known.get(dataset.removesuffix(OPEN_SUFFIX))
+def env_names(dataset: str, n_envs: int, records=()) -> list[str]:
+    """The dataset's environment names in env index order: the run facts' `domains`,
+    else the `domainbed.datasets` class's ENVIRONMENTS, else env0, env1, ..."""
+    for record in records:
+        facts = facts_of(record)
+        if facts is not None and facts.get("domains") and len(facts["domains"]) == n_envs:
+            return [str(d) for d in facts["domains"]]
+    names = dataset_environments(dataset)
     return names if names and len(names) == n_envs else [f"env{i}" for i in range(n_envs)]
 
 
@@ -155,8 +209,13 @@ def selected_accs(records, method, reporting, Q) -> dict:
 # --- tables -------------------------------------------------------------------------
 
 # --- domain + class shift (open-world variants, domainbed_adapter/open_world.py) --------
-OPEN_SUFFIX = "Open"
 OPEN_SELECTIONS = ("iid", "oracle")  # leave-one-out reads test-env in-accuracies as validation
+
+
+def is_open_world(records) -> bool:
+    """Whether the records' run facts name the domain + class shift protocol."""
+    return any((r["hparams"].get("run") or {}).get("protocol") == "domainbed_open"
+               for r in records)
 
 
 def with_open_accuracy(record) -> dict:
@@ -169,15 +228,6 @@ def with_open_accuracy(record) -> dict:
     if not all(key in record for key in keys):
         return None
     return {**record, **{f"env{t}_in_acc": record[key] for t, key in zip(test_envs, keys)}}
-
-
-def in_domain_accuracy(record) -> float | None:
-    """Mean accuracy on the training domains' held-out images (their `env<i>_out_acc`,
-    what training-domain validation selects on); None when the record has none."""
-    test_envs = set(record["args"]["test_envs"])
-    held_out = [v for k, v in record.items() if k.startswith("env") and k.endswith("_out_acc")
-                and int(k[3:-8]) not in test_envs]
-    return float(np.mean(held_out)) if held_out else None
 
 
 def with_in_domain_accuracy(record) -> dict:
@@ -215,10 +265,11 @@ def hm(base, new):
     return None if base is None or new is None or base + new == 0 else 2 * base * new / (base + new)
 
 
-def open_world_table(tag, method, dataset, algorithms, base_accs, open_accs, n_envs) -> Table:
+def open_world_table(tag, method, dataset, algorithms, base_accs, open_accs, n_envs,
+                     records=()) -> Table:
     """Per test domain base, open and their harmonic mean (of the trial means), and the
     averages over domains."""
-    envs = env_names(dataset, n_envs)
+    envs = env_names(dataset, n_envs, records)
     columns = [f"{env} {part}" for env in envs for part in ("base", "open", "HM")]
     table = Table(f"domainbed_{tag}_{dataset}_base_open",
                   f"{dataset}, domain + class shift, model selection: {method.name}",
@@ -266,8 +317,8 @@ def percent(mean, err):
     return (None, None) if mean is None else (100 * mean, 100 * err)
 
 
-def dataset_table(tag, method, dataset, algorithms, accs, n_envs) -> Table:
-    envs = env_names(dataset, n_envs)
+def dataset_table(tag, method, dataset, algorithms, accs, n_envs, records=()) -> Table:
+    envs = env_names(dataset, n_envs, records)
     table = Table(f"domainbed_{tag}_{dataset}", f"{dataset}, model selection: {method.name}",
                   [*envs, "Avg"], row_header="Algorithm", figure_column="Avg")
     for algorithm in algorithms:
@@ -320,9 +371,8 @@ def common_notes(sweep: Sweep, datasets, tag, accs) -> list[str]:
 
 
 def backbone_note(records) -> list[str]:
-    models = sorted({str(r.get("hparams", {}).get("clip_model")) for r in records
-                     if isinstance(r.get("hparams"), dict) and "clip_model" in r["hparams"]})
-    return [f"These runs' CLIP backbone(s): {', '.join(models)}."] if models else []
+    """Which backbone and precision the table shows (common to every kind)."""
+    return [setting_note({setting_of(r) for r in records})] if records else []
 
 
 @register
@@ -338,40 +388,46 @@ class DomainBed(Kind):
         if modules is None:
             return []
         model_selection, reporting, Q = modules
-        datasets = sorted({r["args"]["dataset"] for r in sweep.records})
-        n_envs = {d: n_envs_of([r for r in sweep.records if r["args"]["dataset"] == d])
+        all_records, keys = by_setting(sweep.records)
+        datasets = sorted({r["args"]["dataset"] for r in all_records})
+        n_envs = {d: n_envs_of([r for r in all_records if r["args"]["dataset"] == d])
                   for d in datasets}
         open_refs = reference.select(refs, protocol="domainbed_open")
         refs = reference.select(refs, protocol="domainbed")
         tables = []
         for tag, method_name in SELECTIONS:
             method = getattr(model_selection, method_name)
-            accs = selected_accs(sweep.records, method, reporting, Q)
+            accs = selected_accs(all_records, method, reporting, Q)
             for dataset in datasets:
-                records = [r for r in sweep.records if r["args"]["dataset"] == dataset]
+                records = [r for r in all_records if r["args"]["dataset"] == dataset]
                 algorithms = sorted({r["args"]["algorithm"] for r in records})
-                table = dataset_table(tag, method, dataset, algorithms, accs, n_envs[dataset])
+                table = rekey(dataset_table(tag, method, dataset, algorithms, accs,
+                                            n_envs[dataset], records), keys)
                 table.notes += common_notes(sweep, [dataset], tag, accs) + backbone_note(records)
                 reference.attach(table, reference.select(refs, dataset=dataset),
                                  lambda ref: ref.domain)
                 tables.append(table)
-                if dataset.endswith(OPEN_SUFFIX) and tag in OPEN_SELECTIONS:
+                if is_open_world(records) and tag in OPEN_SELECTIONS:
                     opened = [r for r in map(with_open_accuracy, records) if r is not None]
                     open_accs = selected_accs(opened, method, reporting, Q)
-                    table = open_world_table(tag, method, dataset, algorithms, accs, open_accs,
-                                             n_envs[dataset])
-                    table.notes += common_notes(sweep, [dataset], tag, accs)
+                    table = rekey(open_world_table(tag, method, dataset, algorithms, accs,
+                                                   open_accs, n_envs[dataset], records), keys)
+                    table.notes += common_notes(sweep, [dataset], tag, accs) + \
+                        backbone_note(records)
                     attach_open_world(table, reference.select(open_refs, dataset=dataset))
                     tables.append(table)
-            algorithms = sorted({r["args"]["algorithm"] for r in sweep.records})
+            algorithms = sorted({r["args"]["algorithm"] for r in all_records})
             if tag == "iid":
-                in_domain = [r for r in map(with_in_domain_accuracy, sweep.records) if r]
+                in_domain = [r for r in map(with_in_domain_accuracy, all_records) if r]
                 in_accs = selected_accs(in_domain, method, reporting, Q)
-                tables.append(in_and_out_of_domain_table(tag, method, datasets, algorithms,
-                                                         in_accs, accs, n_envs))
-            table = averages_table(tag, method, datasets, algorithms, accs, n_envs)
+                table = in_and_out_of_domain_table(tag, method, datasets, algorithms,
+                                                   in_accs, accs, n_envs)
+                table.notes += backbone_note(all_records)
+                tables.append(rekey(table, keys))
+            table = rekey(averages_table(tag, method, datasets, algorithms, accs, n_envs), keys)
             table.notes += common_notes(sweep, [*datasets, "?"], tag, accs) + [
-                "A trial counts for a dataset only when all its test domains have a number."]
+                "A trial counts for a dataset only when all its test domains have a number."
+            ] + backbone_note(all_records)
             reference.attach(table, [r for r in refs if r.domain == "Avg"],
                              lambda ref: ref.dataset)
             tables.append(table)

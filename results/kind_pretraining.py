@@ -5,17 +5,20 @@ checkpoint, written by `python -m pretraining.evaluate` ({"kind": "pretraining_e
 "linear_probe": {set: {top1, ...}}, "gap": {set: {centroid_distance, alignment_score,
 separation_score, uniformity_image, uniformity_text, ...}}}; accuracies and recalls in %).
 
-Rows are runs of one method and model ("AlignCLIP-IMSep (tiny-sharedclip)"); several
-records of the same method and model (seeds) make one row: mean ± population std over
-them, n = number of records. Tables:
+Method, model (backbone) and precision are read from each record's "run" block
+(common/run_facts.py). Rows are runs of one method, backbone and precision
+("AlignCLIP-IMSep (tiny-sharedclip)"; the precision joins the label when the records
+differ in it): records that differ in precision or backbone are never pooled; several
+records of one row (seeds) give mean ± population std over them, n = number of records.
+Every table notes the precision(s) and backbone(s) it shows. Tables:
 - pretraining_summary: zero-shot top-1 per set, R@1 both ways per retrieval set, centroid
   distance / alignment / separation per gap set (the comparison at a glance);
 - pretraining_zeroshot: top-1 and top-5 per set;
 - pretraining_retrieval_<set>: I→T and T→I R@1/5/10;
 - pretraining_linear_probe: top-1 per test set;
 - pretraining_gap_<set>: every gap measure (pretraining/modality_gap.py).
-Records of another kind with the same file name are ignored; malformed ones are skipped
-with a warning naming the file.
+Records of another kind with the same file name are ignored; malformed ones and those
+without a valid "run" block are skipped with a warning naming the file.
 """
 from __future__ import annotations
 
@@ -23,8 +26,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from common.files import read_json
-from results.kinds import Kind, register
+from results.kinds import Kind, records_with_facts, register
 from results.tables import Cell, Table, mean_std
 
 KIND = "pretraining_eval"
@@ -39,38 +41,50 @@ SPREAD_NOTE = "Cells: mean ± population std over the runs of a row (n = runs); 
 @dataclass
 class Record:
     method: str
-    model: str
+    model: str  # the run's backbone
+    precision: str | None
     path: str
     data: dict
 
     @property
-    def label(self):
-        return f"{self.method} ({self.model})"
+    def key(self):
+        return self.method, self.model, self.precision
+
+    def label(self, with_precision=False):
+        extra = f", {self.precision}" if with_precision else ""
+        return f"{self.method} ({self.model}{extra})"
 
 
 def load_records(paths) -> list[Record]:
     out = []
-    for path in paths:
-        rec = read_json(path)
-        if not isinstance(rec, dict) or rec.get("kind") != KIND:
-            continue
-        bad = [k for k in ("method", "model") if not isinstance(rec.get(k), str)]
+    for path, rec, run in records_with_facts(paths, KIND):
+        bad = [f"run {k}" for k in ("method", "backbone") if not isinstance(run.get(k), str)]
         bad += [k for k in SECTIONS if not isinstance(rec.get(k, {}), dict)]
         if bad:
             warnings.warn(f"{path}: skipping a pretraining_eval record without a valid "
                           f"{', '.join(bad)}")
             continue
-        out.append(Record(rec["method"], rec["model"], str(path), rec))
+        out.append(Record(run["method"], run["backbone"], run["precision"], str(path), rec))
     return out
 
 
 def _rows(records):
+    """[(label, runs)]: one row per (method, backbone, precision), never pooled across."""
     groups = {}
     for r in records:
-        groups.setdefault(r.label, []).append(r)
-    rank = lambda label: (next((i for i, m in enumerate(METHOD_ORDER)
-                                if groups[label][0].method == m), len(METHOD_ORDER)), label)
-    return [(label, groups[label]) for label in sorted(groups, key=rank)]
+        groups.setdefault(r.key, []).append(r)
+    with_precision = len({r.precision for r in records}) > 1
+    rank = lambda key: (next((i for i, m in enumerate(METHOD_ORDER) if key[0] == m),
+                             len(METHOD_ORDER)), groups[key][0].label(with_precision))
+    return [(groups[key][0].label(with_precision), groups[key]) for key in sorted(groups, key=rank)]
+
+
+def facts_note(records) -> str:
+    """Which precision(s) and backbone(s) a table shows."""
+    precisions = sorted({str(r.precision) for r in records})
+    backbones = sorted({r.model for r in records})
+    return (f"Precision: {', '.join(precisions)}; backbone: {', '.join(backbones)} "
+            f"(rows never pool runs that differ in either).")
 
 
 def _sets(records, section):
@@ -200,4 +214,7 @@ class PretrainingEval(Kind):
     def tables(self, records, refs) -> list[Table]:
         made = [summary_table(records), zeroshot_table(records), *retrieval_tables(records),
                 linear_probe_table(records), *gap_tables(records)]
-        return [t for t in made if t is not None]
+        made = [t for t in made if t is not None]
+        for t in made:
+            t.notes.append(facts_note(records))
+        return made

@@ -81,3 +81,22 @@ def walk(roots, registry: dict[str, Kind], skip=()) -> dict[str, list[Path]]:
                     if any(fnmatch.fnmatch(filename, p) for p in kind.patterns):
                         found[name].add((Path(folder) / filename).resolve())
     return {name: sorted(paths) for name, paths in found.items() if paths}
+
+
+def records_with_facts(paths, kind: str):
+    """(path, record, run facts) of each JSON record of `kind` among `paths`; a record
+    without valid run facts (common/run_facts.py) is left out with one warning."""
+    import warnings
+
+    from common.files import read_json
+    from common.run_facts import check_facts
+    for path in paths:
+        record = read_json(path)
+        if not isinstance(record, dict) or record.get("kind") != kind:
+            continue
+        try:
+            run = check_facts(record.get("run"), str(path))
+        except ValueError as e:
+            warnings.warn(f"{e}: skipping this {kind} record")
+            continue
+        yield path, record, run

@@ -1,7 +1,8 @@
 """Tables: one small data model, the statistics the upstream harnesses use, and writers
 for markdown, LaTeX and CSV.
 
-A `Table` has named value columns and `Row`s of `Cell`s. A row's role is `measured`
+A `Table` has named value columns and `Row`s of `Cell`s; its notes say which backbone and
+precision its runs used (`setting_note`: runs that differ in either are never pooled). A row's role is `measured`
 (this harness's runs), `published` (a reference row from results/reference/) or `delta`
 (measured minus published). A cell with `mean=None` is missing: it is printed as "—",
 never as 0.
@@ -45,6 +46,17 @@ def harmonic_mean(base, new):
     if base is None or new is None:
         return None
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
+def setting_note(settings) -> str:
+    """The note naming the (backbone, precision) a table shows: a table never pools runs
+    that differ in either; with several settings its rows name theirs."""
+    settings = sorted(settings)
+    if len(settings) == 1:
+        backbone, precision = settings[0]
+        return f"These runs' backbone: {backbone}; precision: {precision}."
+    return ("Rows name their runs' (backbone, precision): " + ", ".join(
+        f"({b}, {p})" for b, p in settings) + "; runs that differ in either are never pooled.")
 
 
 # --- data model ---------------------------------------------------------------------

@@ -17,19 +17,22 @@ and CoOp's own CoOp, CoCoOp, ZeroshotCLIP), then the tables (results/collect.py)
 - domain_generalization: the same ImageNet model (reused if cross_dataset made it)
   evaluated on ImageNet-V2, -Sketch, -A and -R.
 
-Per-trainer configs, evaluation-only trainers and step budgets are data, in
-trainers/configs/protocols.yaml. A run is finished when its results.json exists; a
+Per-trainer configs, evaluation-only trainers and step budgets are data, in the recipe
+book (recipes/recipes.yaml, `coop_protocols`). Each run's record names its protocol and
+stage (HARNESS.PROTOCOL / HARNESS.STAGE: base2new base/new, cross_dataset and
+domain_generalization source/target). A run is finished when its results.json exists; a
 rerun skips finished runs and starts an unfinished one afresh (its folder is removed
 first). A missing or incomplete dataset is one line naming what is missing and where it
 was looked for, and its runs are skipped.
 
---launcher slurm submits the protocol as one Slurm job array through submitit (sweeps/
+--launcher slurm submits the protocol as one Slurm job array through submitit (common/
 slurm.py: --slurm-* flags, CLIPBENCH_SLURM_* variables); each task runs one model and
 the runs that evaluate it, in order; finished runs are skipped as above.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -43,19 +46,21 @@ from pathlib import Path
 
 import yaml
 
+import recipes
 from algorithms.core import registry
-from common import cli, env
+from common import cli, env, slurm
 from common.paths import REPO, TRAINER_CONFIGS
-from sweeps import slurm
 
 COOP_DIR = env.coop_dir()
-SETTINGS_FILE = TRAINER_CONFIGS / "protocols.yaml"
+SETTINGS_FILE = recipes.BOOK
 HARNESS_DEFAULT_CONFIG = TRAINER_CONFIGS / "backbones" / "vit_b16.yaml"
 TRAIN_COOP = REPO / "train_coop.py"
-OPENAI_CLIP_DIR_ENV = env.OPENAI_CLIP_DIR  # read by trainers/coop_runner.py
+OPENAI_CLIP_DIR_ENV = env.OPENAI_CLIP_DIR  # read by trainers/upstream_patches.py
 # CoOp's own trainers: they load OpenAI CLIP through CoOp's vendored `clip`
 COOP_TRAINERS = ("CoOp", "CoCoOp", "ZeroshotCLIP", "ZeroshotCLIP2")
 PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization")
+# a run's stage -> what its record says it is (common/run_facts.py)
+RECORD_STAGES = {"train_base": "base", "test_new": "new", "source": "source", "target": "target"}
 
 
 # --- datasets: CoOp's DATASETS.md layout ---------------------------------------------
@@ -175,7 +180,7 @@ def training_images(info: dict, shots: int, subsample: str) -> int | None:
     return shots * (math.ceil(classes / 2) if subsample == "base" else classes)
 
 
-# --- per-trainer settings (trainers/configs/protocols.yaml) ---------------------------
+# --- per-trainer settings (recipes/recipes.yaml, coop_protocols) ----------------------
 
 @dataclass
 class Settings:
@@ -201,12 +206,12 @@ def load_settings(trainer: str, config_file=None, path=SETTINGS_FILE) -> Setting
     """The protocol settings of a trainer; `config_file` (--config-file) replaces its
     configs. The harness's trainers default to trainers/configs/backbones/vit_b16.yaml and
     train when their method declares `trains`; any other trainer needs an entry."""
-    entries = cli.read_yaml_mapping(path, "protocol settings").get("trainers") or {}
+    entries = recipes.coop_protocols(Path(path))
     entry = entries.get(trainer) or {}
     harness = registry.methods().get(trainer)
     if not entry and harness is None and config_file is None:
         raise ValueError(f"{trainer}: not a harness trainer and no settings in "
-                         f"{path.relative_to(REPO)}: pass --config-file (known: "
+                         f"{Path(path).relative_to(REPO)} (coop_protocols): pass --config-file (known: "
                          f"{', '.join(sorted(set(registry.methods()) | set(entries)))})")
     config = entry.get("config") or str(HARNESS_DEFAULT_CONFIG)
     train = entry.get("train", harness.trains if harness is not None else True)
@@ -220,6 +225,29 @@ def load_settings(trainer: str, config_file=None, path=SETTINGS_FILE) -> Setting
     if config_file is not None:
         settings.config, settings.config_by_dataset = Path(config_file).resolve(), {}
     return settings
+
+
+def yacs_value(value):
+    """An opt's value as yacs reads it from the command line (a Python literal, else the
+    string)."""
+    try:
+        return ast.literal_eval(str(value))
+    except (ValueError, SyntaxError):
+        return str(value)
+
+
+def check_method_opts(trainer: str, opts) -> None:
+    """The opts that set a harness method's TRAINER.<NAME>.<KEY>, checked as its config
+    is built (algorithms/core/config.py): an unknown key or a value of another type is
+    one line before anything runs."""
+    method_cls = registry.methods().get(trainer)
+    if method_cls is None:
+        return
+    from algorithms.core.config import check_values
+    prefix = f"TRAINER.{trainer.upper()}."
+    values = {key[len(prefix):].lower(): yacs_value(value)
+              for key, value in zip(opts[::2], opts[1::2]) if str(key).startswith(prefix)}
+    check_values(method_cls, values, f"--opts for {trainer}")
 
 
 def read_config(path: Path) -> dict:
@@ -310,7 +338,8 @@ def plan(protocol, settings_list, datasets, infos, seeds, shots, root, output,
         flags = base_flags(root, s.trainer, seed, dataset, config, out_dir)
         if stage in ("test_new", "target") or not s.train:
             flags.append("--eval-only")
-        opts = [*opts, *s.opts, *s.opts_by_dataset.get(dataset.key, []), *user_opts]
+        opts = [*opts, *s.opts, *s.opts_by_dataset.get(dataset.key, []), *user_opts,
+                "HARNESS.PROTOCOL", protocol, "HARNESS.STAGE", RECORD_STAGES[stage]]
         return Run(s.trainer, dataset, seed, stage, out_dir, flags, opts,
                    evaluates if s.train else None, note)
 
@@ -486,7 +515,7 @@ def parse_args(argv):
                         help="trainers (the harness's and CoOp's CoOp, CoCoOp, ZeroshotCLIP)")
     parser.add_argument("--config-file", nargs="+",
                         help="trainer config(s): one for all trainers or one per trainer "
-                             "(default: trainers/configs/protocols.yaml)")
+                             "(default: recipes/recipes.yaml, coop_protocols)")
     parser.add_argument("--root", required=True, help="datasets in CoOp's DATASETS.md layout")
     parser.add_argument("--output", default="output", help="runs and tables (default: output)")
     parser.add_argument("--datasets", nargs="+",
@@ -554,6 +583,12 @@ def main(argv=None) -> int:
         return 2
     if args.protocol != "base2new":
         wanted = [d for d in wanted if d.key != SOURCE]
+    try:
+        for s in settings_list:
+            check_method_opts(s.trainer, [*s.opts, *args.opts])
+    except ValueError as e:
+        print(f"coop_protocols: error: {e}", file=sys.stderr)
+        return 2
     for s in settings_list:
         for path in {s.config, *s.config_by_dataset.values()}:
             if not path.is_file():

@@ -6,10 +6,11 @@ Rerunning resumes: the world, the checkpoint and finished jobs are reused.
     python -m sweeps.demo [--root data/world] [--output output/demo] [--algorithms ...]
 
 Every algorithm runs with its declared defaults except what demo_hparams sets for the
-tiny CLIP: its checkpoint, the 'photo' template it was pretrained with and, for a method
-that declares `trains`, a batch of 16 per domain, the step count and what the method
-declares in `tiny_hparams` (e.g. a learning rate that moves a tiny model in a few dozen
-steps). Each domain is held out in turn; one trial.
+tiny CLIP: its checkpoint, the 'photo' template it was pretrained with and the recipe
+book's `tiny` and `demo` values (recipes/recipes.yaml: for a method that declares
+`trains`, a batch of 16 per domain; e.g. a learning rate that moves a tiny model in a few
+dozen steps). Training methods run --steps steps (their schedule spans them), the others
+one. Each domain is held out in turn; one trial.
 """
 from __future__ import annotations
 
@@ -23,19 +24,25 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import recipes
 from algorithms.core import registry
+from algorithms.core.config import build_config
 from clipworld import generate as world
 from common import cli, env
 from common.paths import OUTPUT, WORLD
 from pretraining import tiny_clip as pretrain
 
 
-def demo_hparams(algorithm: str, checkpoint, model: str, steps: int) -> dict:
-    """What the demo changes of an algorithm's defaults (all of it goes in --hparams)."""
+def demo_hparams(algorithm: str, checkpoint, model: str) -> dict:
+    """What the demo changes of an algorithm's defaults (all of it goes in --hparams):
+    the tiny CLIP, its template, and the recipe book's `tiny` and `demo` values
+    (recipes/recipes.yaml: e.g. a learning rate that moves a tiny model in a few dozen
+    steps, a batch of 16 per domain); checked as the method's config is."""
     method_cls = registry.get_method(algorithm)
-    hp = {"clip_model": model, "clip_pretrained": str(checkpoint), "templates": "photo"}
-    if method_cls.trains:
-        hp.update(batch_size=16, total_steps=steps, **method_cls.tiny_hparams)
+    hp = {"clip_model": model, "clip_pretrained": str(checkpoint), "templates": "photo",
+          **recipes.values(algorithm, "tiny"), **recipes.values(algorithm, "demo")}
+    build_config(method_cls, {k: v for k, v in hp.items() if k not in recipes.DOMAINBED_KEYS},
+                 f"the demo's hyperparameters for {algorithm}")
     return hp
 
 
@@ -44,7 +51,7 @@ def sweep_groups(algorithms, checkpoint, model, steps) -> list[tuple[list, dict,
     one sweep command; one step (one evaluation) for those that do not train."""
     groups = {}
     for algorithm in algorithms:
-        hp = demo_hparams(algorithm, checkpoint, model, steps)
+        hp = demo_hparams(algorithm, checkpoint, model)
         groups.setdefault(json.dumps(hp, sort_keys=True), (hp, []))[1].append(algorithm)
     return [(names, hp, steps if registry.get_method(names[0]).trains else 1)
             for hp, names in groups.values()]

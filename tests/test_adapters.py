@@ -37,7 +37,7 @@ def test_domainbed_and_dassl_give_the_same_logits(tmp_path, tiny_clip):
     dassl_adapter.add_method_configs(cfg)
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"
     cfg.TRAINER.NAME = "AlignCLIP"
-    assert cfg.TRAINER.ALIGNCLIP.BMA_BETA == 0.1  # trainers/configs/methods/AlignCLIP.yaml
+    assert cfg.TRAINER.ALIGNCLIP.BMA_BETA == 0.1  # recipes/recipes.yaml, harness dassl
     cfg.TRAINER.ALIGNCLIP.BMA_BETA = hparams["bma_beta"]
     cfg.CLIP.MODEL, cfg.CLIP.PRETRAINED = tiny["clip_model"], tiny["clip_pretrained"]
     cfg.TRAINER.ALIGNCLIP.TEMPLATES = tiny["templates"]
@@ -51,10 +51,12 @@ def test_domainbed_and_dassl_give_the_same_logits(tmp_path, tiny_clip):
     trainer.num_classes = len(CLASSES)
     trainer.build_model()
 
-    # precision: DomainBed's record holds the resolved name, Dassl's hparams the request
-    shared = {k: hparams[k] for k in domainbed_algorithm.method_cls.hparams() if k != "precision"}
-    dassl_hparams = {k: trainer.model.hp[k] for k in shared}
-    assert dassl_hparams == {**shared, "batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE}
+    # one typed config in both harnesses; the job's facts in each one's context
+    assert trainer.model.cfg == domainbed_algorithm.method.cfg
+    assert trainer.model.context.images_per_step == cfg.DATALOADER.TRAIN_X.BATCH_SIZE
+    assert domainbed_algorithm.method.context.images_per_step == 2 * hparams["batch_size"]
+    assert trainer.model.context.total_steps == 5000
+    assert hparams["precision"] == "fp32" and domainbed_algorithm.method.cfg.precision == "auto"
     assert trainer.model.precision == domainbed_algorithm.method.precision == "fp32"  # CPU
     trainer.model.load_state_dict(domainbed_algorithm.method.state_dict())
     images = torch.randn(2, 3, 64, 64)

@@ -78,11 +78,9 @@ def test_beta_moving_average_is_the_weighted_mean_of_iterates():
 
 
 def make(name, **overrides):
-    method_cls = get_method(name)
-    hparams = dict(method_cls.default_hparams(), **TINY)
-    hparams.update(total_steps=20, **overrides)
     torch.manual_seed(0)
-    return method_cls(["circle", "square", "star"], hparams)
+    return get_method(name).create(["circle", "square", "star"], {**TINY, **overrides},
+                                   total_steps=20)
 
 
 BATCH = (torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)),

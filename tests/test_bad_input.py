@@ -505,7 +505,7 @@ def case_domain_gap_truncated_model(tmp):
     (job / "done").write_text("done")
     (job / "results.jsonl").write_text(json.dumps({"step": 0}) + "\n")
     truncated(job / "model.pkl", tiny_clip_checkpoint(tmp / "clip.pt"))
-    return "results.domain_gap", [tmp / "sweep", "--images-per-domain", "2"]
+    return "evaluation.domain_gap", [tmp / "sweep", "--images-per-domain", "2"]
 
 
 def case_evaluate_corrupt_image(tmp):
@@ -772,7 +772,7 @@ def _calls(path):
 
 def test_every_load_of_the_harness_refuses_pickled_code():
     """torch.load always with weights_only=True; no pickle.load / np.load(allow_pickle=True)
-    (CIFAR's batches: pretraining/datasets.py's arrays-only unpickler)."""
+    (CIFAR's batches: common/readers.py's arrays-only unpickler)."""
     bad = []
     for path in HARNESS_SOURCES:
         for call, name in _calls(path):
@@ -831,7 +831,7 @@ def _load_clip(path, tmp_path):
 
 
 def _comalign_head(path, tmp_path):
-    from algorithms.comalign_head import load_head_checkpoint
+    from algorithms.comalign.head import load_head_checkpoint
     load_head_checkpoint(str(path))
 
 
@@ -863,7 +863,7 @@ def test_a_malicious_pickle_never_runs(loader, evil, tmp_path):
 
 
 def test_a_malicious_cifar_batch_never_runs(tmp_path):
-    from pretraining import datasets as ds
+    from common import readers as ds
     root = malicious_cifar(tmp_path / "cifar", tmp_path / "MARKER")
     with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:
         pickle.load(f)  # what torchvision's reader would do: the code runs
@@ -894,15 +894,19 @@ def test_malformed_yaml_of_the_harness_names_file_and_line(tmp_path):
 
 
 @needs_coop
-def test_malformed_method_defaults_name_the_file(tmp_path):
-    from yacs.config import CfgNode as CN
+def test_malformed_recipe_book_names_the_file_and_entry(tmp_path):
+    import recipes
     from common import cli
-    from trainers import dassl_adapter
-    bad = tmp_path / "CLIPood.yaml"
-    bad.write_text("TRAINER:\n  CLIPOOD:\n    BMA_BETA: [0.1\n")
-    cfg = CN({"TRAINER": CN({"CLIPOOD": CN({"BMA_BETA": 0.5})})})
-    with pytest.raises(cli.InputError, match="CLIPood.yaml: malformed YAML"):
-        dassl_adapter.merge_method_defaults(cfg, "CLIPood", bad)
+    bad = tmp_path / "recipes.yaml"
+    bad.write_text("entries:\n  - methods: [CLIPood\n")
+    with pytest.raises(cli.InputError, match="recipes.yaml: malformed YAML"):
+        recipes.read_book(bad)
+    bad.write_text("entries:\n  - {methods: [CLIPood], harness: dassl, values: {bma_beta: 0.1}}\n")
+    with pytest.raises(ValueError, match=r"recipes.yaml: entry 1: no source"):
+        recipes.read_book(bad)
+    bad.write_text("entries:\n  - {methods: [CLIPood], harness: jax, source: x}\n")
+    with pytest.raises(ValueError, match=r"entry 1: harness 'jax' not in"):
+        recipes.read_book(bad)
 
 
 def test_one_line_errors_and_the_traceback_switch(capsys, monkeypatch):

@@ -26,10 +26,10 @@ def score_cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def make(name, classnames=CLASSES, **overrides):
+def make(name, classnames=CLASSES, total_steps=None, **overrides):
     torch.manual_seed(0)
     method_cls = get_method(name)
-    return method_cls(list(classnames), {**method_cls.default_hparams(), **TINY, **overrides})
+    return method_cls.create(list(classnames), {**TINY, **overrides}, total_steps=total_steps)
 
 
 # --- formulas -------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def test_zero_betas_are_zero_shot_clip_exactly(model):
     x = torch.randn(3, 3, 64, 64)
     calip = make("CALIP", clip_model=model, beta2=0.0, beta3=0.0)
     torch.manual_seed(0)
-    zsclip = get_method("ZSCLIP")(CLASSES, {**TINY, "clip_model": model})
+    zsclip = get_method("ZSCLIP").create(CLASSES, {**TINY, "clip_model": model})
     assert torch.equal(calip.predict(x), zsclip.predict(x))
     calip.betas.copy_(torch.tensor([1.12, 0.02], dtype=torch.float64))
     with torch.no_grad():
@@ -130,10 +130,10 @@ def _scores_best(method, batches):
     scores = [method.scores(x) for x, _ in batches]
     cat = lambda name: torch.cat([getattr(s, name) for s in scores])  # noqa: E731
     labels = torch.cat([y for _, y in batches])
-    hp = method.hp
+    cfg = method.cfg
     return calip_search.grid_search(cat("s0"), cat("s2"), cat("s3"), labels,
-                          calip_search.beta_grid(hp["beta2_max"], hp["beta_grid"], hp["beta_min"]),
-                          calip_search.beta_grid(hp["beta3_max"], hp["beta_grid"], hp["beta_min"])).best()
+                          calip_search.beta_grid(cfg.beta2_max, cfg.beta_grid, cfg.beta_min),
+                          calip_search.beta_grid(cfg.beta3_max, cfg.beta_grid, cfg.beta_min)).best()
 
 
 def test_validation_and_oracle_modes_select_on_their_own_data():
@@ -159,7 +159,7 @@ def test_domainbed_validation_is_training_out_splits_and_oracle_gets_test_envs(s
     import domainbed.datasets
     import domainbed.hparams_registry
     from domainbed.lib import misc
-    from domainbed_adapter import data, patches
+    from domainbed_adapter import data, job, patches
     patches.patch_loaded()
     hparams = dict(domainbed.hparams_registry.default_hparams("CALIP", "CLIPWorld"), **TINY)
     dataset = domainbed.datasets.CLIPWorld(small_world["domainbed_root"], [0], hparams)
@@ -169,11 +169,11 @@ def test_domainbed_validation_is_training_out_splits_and_oracle_gets_test_envs(s
         if i == 0:
             misc.split_dataset(in_, 0, misc.seed_hash(0, i))
         out_splits.append(out)
-    _, key = data.held_out_data(hparams, "validation")
+    _, key = data.held_out_data(job.for_hparams(hparams), "validation")
     expected = [dataset[i].samples[k] for i in (1, 2, 3) for k in out_splits[i].keys]
     assert [tuple(s) for s in key["items"]] == [tuple(s) for s in expected]
     assert "CenterCrop" in key["transform"] and "RandomResizedCrop" not in key["transform"]
-    _, test_key = data.held_out_data(hparams, "test")
+    _, test_key = data.held_out_data(job.for_hparams(hparams), "test")
     assert [tuple(s) for s in test_key["items"]] == [tuple(s) for s in dataset[0].samples]
 
     minibatch = [(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))]
@@ -286,7 +286,7 @@ def test_cache_reuse_gives_identical_numbers(score_cache):
 # --- CALIPFS ---------------------------------------------------------------------------
 
 def test_calipfs_trains_only_its_attention_and_reloads():
-    method = make("CALIPFS", batch_size=4, total_steps=3)
+    method = make("CALIPFS", total_steps=3)
     clip_before = {k: v.clone() for k, v in method.clip.state_dict().items()}
     attention_before = {k: v.clone() for k, v in method.attention.state_dict().items()}
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])

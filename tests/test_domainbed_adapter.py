@@ -57,7 +57,9 @@ def test_world_gets_clip_preprocessing_and_class_names(domainbed, small_world):
     from clipworld import generate as world
     hparams = dict(domainbed.hparams_registry.default_hparams("ZSCLIP", "CLIPWorld"), **TINY)
     dataset = domainbed.datasets.CLIPWorld(small_world["domainbed_root"], [0], hparams)
-    assert hparams["class_names"] == list(world.CLASSES)
+    from domainbed_adapter import job
+    assert job.class_names(job.for_hparams(hparams), hparams) == list(world.CLASSES)
+    assert "class_names" not in hparams  # the job's facts stay out of the hyperparameters
     assert dataset.input_shape == (3, 64, 64)
     env_train, env_test = dataset[1], dataset[0]
     assert "RandomResizedCrop" in repr(env_train.transform)
@@ -118,7 +120,7 @@ def test_adapter_gives_method_logits_and_saves_only_trained_state(domainbed, sma
 
 def test_local_parallel_launcher_runs_every_command_with_its_thread_share(tmp_path, monkeypatch):
     from common import env
-    from sweeps import launchers
+    from domainbed_adapter import launchers
     monkeypatch.setenv(env.PARALLEL_JOBS, "2")
     commands = [f'sleep 0.3; echo "$OMP_NUM_THREADS" > {tmp_path}/job{i}' for i in range(5)]
     launchers.local_parallel_launcher(commands)

@@ -60,13 +60,14 @@ def test_a_run_killed_mid_epoch_is_redone_and_finished_ones_kept(small_world, tm
 
 
 def test_dassl_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    """train_coop.py's Dassl checkpoints (trainers/coop_runner.py atomic_checkpoints): a
+    """train_coop.py's Dassl checkpoints (trainers/upstream_patches.py _atomic_checkpoints): a
     save that dies inside torch.save leaves the previous checkpoint, and the `checkpoint`
     file Dassl resumes from still names it; no half file takes a checkpoint's name."""
     import torch
-    from trainers import coop_runner
-    coop_runner.atomic_checkpoints()
     from dassl.engine import trainer as dassl_trainer
+
+    from trainers import upstream_patches
+    upstream_patches._atomic_checkpoints(dassl_trainer)
     from dassl.utils import torchtools
     save = dassl_trainer.save_checkpoint
     assert torchtools.save_checkpoint is save

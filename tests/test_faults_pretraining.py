@@ -2,7 +2,7 @@
 the tiny CLIP (pretraining/tiny_clip.py) restarts cleanly (nothing of the killed run
 counts as its cached checkpoint), SharedCLIP / AlignCLIP-IMSep (pretraining/imsep.py)
 resumes from its last complete epoch with open_clip_train's `--resume latest`, ComAlign
-(pretraining/comalign_train.py) from its last checkpoint; a checkpoint file is always
+(algorithms/comalign/train.py) from its last checkpoint; a checkpoint file is always
 whole. A non-finite IMSep loss stops the run with one line naming the term."""
 import json
 import os
@@ -88,16 +88,16 @@ def test_killed_imsep_pretraining_resumes_from_its_last_epoch(world, tmp_path):
 
 
 def test_atomic_torch_save_never_leaves_half_a_checkpoint(tmp_path):
-    """What imsep.py puts in place of torch.save during an open_clip_train run."""
-    from pretraining import imsep
+    """What pretraining/open_clip_run.py puts in place of torch.save during an open_clip_train run."""
+    from pretraining import open_clip_run
 
     def dies(obj, f, *args, **kwargs):
         open(f, "wb").write(b"PK\x03\x04 half")  # what a killed torch.save leaves
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        imsep.atomic_torch_save(dies)({"epoch": 2}, str(tmp_path / "epoch_2.pt"))
+        open_clip_run.atomic_torch_save(dies)({"epoch": 2}, str(tmp_path / "epoch_2.pt"))
     assert list(tmp_path.iterdir()) == []
-    imsep.atomic_torch_save(torch.save)({"epoch": 2}, str(tmp_path / "epoch_2.pt"))
+    open_clip_run.atomic_torch_save(torch.save)({"epoch": 2}, str(tmp_path / "epoch_2.pt"))
     assert torch.load(tmp_path / "epoch_2.pt", weights_only=True) == {"epoch": 2}
 
 
@@ -119,7 +119,7 @@ def test_nonfinite_imsep_loss_stops_the_run_naming_the_term(world, tmp_path):
 def test_killed_comalign_training_resumes_from_its_checkpoint(world, tmp_path):
     out = tmp_path / "run"
     epochs = 30
-    cmd = [PY, "-m", "pretraining.comalign_train", "--train",
+    cmd = [PY, "-m", "algorithms.comalign.train", "--train",
            f"world:{world['root']},split=val", "--clip-model", "tiny-vit",
            "--clip-pretrained", "", "--out", str(out), "--epochs", str(epochs),
            "--batch-size", "4", "--device", "cpu", "--no-progress"]

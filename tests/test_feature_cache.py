@@ -104,8 +104,7 @@ def encoder_calls(monkeypatch):
 def make(name, **overrides):
     method_cls = get_method(name)
     torch.manual_seed(0)  # the same random tiny CLIP in every "job"
-    return method_cls(["circle", "square", "star"],
-                      {**method_cls.default_hparams(), **TINY, **overrides})
+    return method_cls.create(["circle", "square", "star"], {**TINY, **overrides})
 
 
 def test_second_job_reads_zero_shot_features_instead_of_encoding(tmp_path, monkeypatch,

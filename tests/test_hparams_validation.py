@@ -49,9 +49,8 @@ def train_script(monkeypatch):
     main.__spec__ = types.SimpleNamespace(name="domainbed.scripts.train")
     monkeypatch.setitem(sys.modules, "__main__", main)
 
-    def args(algorithm, dataset, hparams):
-        monkeypatch.setattr(sys, "argv", ["train.py", "--algorithm", algorithm, "--dataset",
-                                          dataset, "--hparams", hparams])
+    def args(algorithm, dataset, hparams):  # train.py's parsed arguments (never re-parsed)
+        main.args = types.SimpleNamespace(algorithm=algorithm, dataset=dataset, hparams=hparams)
     return args
 
 

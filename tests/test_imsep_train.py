@@ -147,6 +147,22 @@ def test_semantic_run_lowers_the_loss_and_its_checkpoint_loads_in_plain_open_cli
 
 
 @needs_sentence_model
+def test_a_finished_run_records_its_facts(semantic_run):
+    """<logs>/<name>/run.json: the run's facts (common/run_facts.py) for a collector."""
+    import json
+    from common.run_facts import check_facts
+    facts = check_facts(json.loads((semantic_run["logs"] / "run.json").read_text())["run"],
+                        "run.json")
+    assert (facts["protocol"], facts["stage"], facts["method"]) == \
+        ("pretraining", "train", "AlignCLIP-IMSep")
+    assert (facts["backbone"], facts["precision"], facts["seeds"]) == (MODEL, "fp32", {"seed": 0})
+    assert facts["dataset"] == semantic_run["pairs"].name and facts["weights_digest"] is None
+    loss = facts["config"]["loss"]
+    assert (loss["alpha"], loss["beta"], loss["nl_semantic_supervision"]) == (1.0, 0.5, True)
+    assert "--lr" in facts["config"]["open_clip_train"]
+
+
+@needs_sentence_model
 def test_sentence_encoder_in_the_loop_runs_through_open_clip_train(tmp_path):
     pairs = make_pairs(tmp_path / "data", per=2)
     result = run_cli(train_flags(pairs, tmp_path / "logs", epochs=1) +

@@ -62,3 +62,20 @@ def test_pth_hook_line_runs_only_while_the_clone_exists(tmp_path, monkeypatch):
         assert result.returncode == 0 and result.stderr == "", result.stderr
         imported[name] = result.stdout.strip()
     assert imported == {"gone": "False", "here": "True"}
+
+
+def test_upstreams_are_changed_only_through_their_doors():
+    """No unittest.mock outside tests/ (upstream is changed through the patch tables and
+    pretraining/open_clip_run.py), and no harness module deletes sys.modules entries."""
+    import re
+    offenders = []
+    for path in REPO.rglob("*.py"):
+        rel = path.relative_to(REPO)
+        if rel.parts[0] in ("tests", "third_party", "build", "data", "output") or \
+                any(p.startswith(".") for p in rel.parts):
+            continue
+        text = path.read_text(errors="replace")
+        if re.search(r"unittest\.mock|from unittest import mock|del sys\.modules|"
+                     r"sys\.modules\.pop", text):
+            offenders.append(str(rel))
+    assert offenders == []

@@ -93,3 +93,71 @@ def test_clip_world_is_a_dassl_dataset_with_domains_shots_and_base_new(small_wor
                "--output-dir", str(tmp_path / "bad")], timeout=300)
     assert bad.returncode == 1 and "CLIPWorld: cannot read" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def tiny_openai_clip(directory):
+    """A random OpenAI-format CLIP (CoOp's clip.model) saved as ViT-B-16.pt: 64 px images,
+    one layer per tower; what CLIPBENCH_OPENAI_CLIP_DIR serves to CoOp's trainers."""
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from clip.model import CLIP; "
+            "torch.manual_seed(0); m = CLIP(32, 64, 1, 64, 16, 77, 49408, 64, 1, 1); "
+            "torch.save(m.state_dict(), sys.argv[2])")
+    directory.mkdir()
+    made = run([PY, "-c", code, str(REPO / "third_party" / "CoOp"), str(directory / "ViT-B-16.pt")])
+    assert made.returncode == 0, made.stderr[-2000:]
+    return directory
+
+
+def test_coops_own_trainer_runs_beside_the_harness_trainers(small_world, tmp_path):
+    """CoOp's ZeroshotCLIP (its trainers/zsclip.py, its vendored `clip`) through train_coop.py,
+    weights from CLIPBENCH_OPENAI_CLIP_DIR: it writes results.json like the harness's."""
+    weights = tiny_openai_clip(tmp_path / "openai")
+    out = tmp_path / "zs"
+    result = run([PY, "train_coop.py", "--trainer", "ZeroshotCLIP", "--root", small_world["coop_root"],
+                  "--dataset-config-file", DATASET_CFG, "--config-file", TRAINER_CFG,
+                  "--output-dir", str(out), "--seed", "1", "--eval-only",
+                  "MODEL.BACKBONE.NAME", "ViT-B/16"],
+                 env={"CLIPBENCH_OPENAI_CLIP_DIR": str(weights)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Loading OpenAI CLIP weights from {weights / 'ViT-B-16.pt'}" in result.stdout
+    record = json.loads((out / "results.json").read_text())
+    assert record["trainer"] == "ZeroshotCLIP" and 0 <= record["metrics"]["accuracy"] <= 100
+
+
+def test_coop_is_opened_without_removing_modules_and_once():
+    """coop_runner.prepare: CoOp's `trainers.<x>`, `datasets`, `clip` import beside the
+    harness's `trainers` package; no sys.modules entry is removed or replaced; a second
+    prepare changes nothing (each patch is applied once)."""
+    code = """
+import sys
+import trainers
+from trainers import coop_runner, dassl_adapter
+before = dict(sys.modules)
+coop_runner.prepare()
+from dassl.engine.trainer import SimpleTrainer
+test, path = SimpleTrainer.test, list(sys.path)
+coop_runner.prepare()
+assert SimpleTrainer.test is test and sys.path == path
+changed = [name for name, module in before.items() if sys.modules.get(name) is not module]
+assert not changed, changed
+import clip, datasets.oxford_pets, trainers.coop, trainers.zsclip
+coop = str(coop_runner.COOP_DIR.resolve())
+for module in (clip, datasets.oxford_pets, trainers.coop, trainers.zsclip):
+    assert module.__file__.startswith(coop), module.__file__
+assert trainers.upstream_patches.__file__.startswith(str(trainers.__path__[0]))
+assert dassl_adapter.coop_template("OxfordPets") == trainers.zsclip.CUSTOM_TEMPLATES["OxfordPets"]
+print("ok")
+"""
+    result = run([PY, "-c", code])
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_every_coop_patch_is_documented():
+    """Each row of the patch table has a docstring and its module is in third_party/README.md."""
+    from trainers import upstream_patches
+    readme = (REPO / "third_party" / "README.md").read_text()
+    for module, changes in upstream_patches.PATCHES.items():
+        assert f"`{module}`" in readme, module
+        for change in changes:
+            assert change.__doc__ and change.__name__ in readme, change.__name__
+    for change in upstream_patches.COMMAND_LINE:
+        assert change.__doc__ and change.__name__ in readme, change.__name__

@@ -51,7 +51,7 @@ def test_train_script_rejects_too_small_training_split(small_world, tmp_path):
 def test_alignclip_job_trains_and_saves_only_the_image_encoder(small_world, tmp_path):
     import torch
     out = tmp_path / "job"
-    hparams = {**TINY, "batch_size": 8, "total_steps": 3}
+    hparams = {**TINY, "batch_size": 8}  # the schedule spans the job's --steps
     result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "AlignCLIP",
                   "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
                   "--test_envs", "1", "--steps", "3", "--checkpoint_freq", "2",

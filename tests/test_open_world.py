@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import recipes
 from algorithms.core.registry import get_method
 from tests.conftest import PY, TINY, needs_domainbed, run
 
@@ -27,7 +28,10 @@ def test_splits_keep_open_classes_out_of_training_and_selection(small_world):
     assert "OfficeHomeOpen" in domainbed.datasets.DATASETS
     hparams = dict(domainbed.hparams_registry.default_hparams("CLIPood", "CLIPWorldOpen"), **TINY)
     dataset = domainbed.datasets.CLIPWorldOpen(small_world["domainbed_root"], [0], hparams)
-    assert hparams["train_classes"] == BASE and len(hparams["class_names"]) == 10
+    from domainbed_adapter import job
+    running = job.for_hparams(hparams)  # the job's facts stay out of the hyperparameters
+    assert dataset.base_classes == BASE and len(job.class_names(running, hparams)) == 10
+    assert "train_classes" not in hparams and "class_names" not in hparams
     splits = {}
     for i, env in enumerate(dataset):  # as train.py splits
         out, in_ = misc.split_dataset(env, int(len(env) * 0.2), misc.seed_hash(0, i))
@@ -49,7 +53,7 @@ def test_splits_keep_open_classes_out_of_training_and_selection(small_world):
 def test_sweep_scores_base_and_open_and_the_collector_makes_the_hm_table(small_world, tmp_path):
     from results import collect
     out = tmp_path / "sweep"
-    hparams = {**TINY, "batch_size": 8, "total_steps": 5000, "lr": 1e-4}
+    hparams = {**TINY, "batch_size": 8, "lr": 1e-4}
     launched = run([PY, "-m", "domainbed.scripts.sweep", "launch", "--datasets", "CLIPWorldOpen",
                     "--algorithms", "CLIPood", "--data_dir", small_world["domainbed_root"],
                     "--output_dir", str(out), "--command_launcher", "local_parallel",
@@ -75,11 +79,11 @@ def test_sweep_scores_base_and_open_and_the_collector_makes_the_hm_table(small_w
 def test_training_sees_only_the_base_classes_prediction_all(name):
     method_cls = get_method(name)
     torch.manual_seed(0)
-    hparams = {**method_cls.default_hparams(), **TINY, "train_classes": 2, "batch_size": 4,
-               "total_steps": 2}
+    values = dict(TINY)
     if name == "AlignCLIP":
-        hparams.update(aligned_layers=2, dv_layers=2)
-    method = method_cls(["circle", "square", "star"], hparams)
+        values.update(aligned_layers=2, dv_layers=2)
+    method = method_cls.create(["circle", "square", "star"], values, train_classes=2,
+                               total_steps=2, images_per_step=4)
     assert method.train_class_embeddings.shape[0] == 2
     x = torch.randn(4, 3, 64, 64)
     summary = method.update(x, torch.tensor([0, 1, 0, 1]))
@@ -93,8 +97,7 @@ def test_margin_logits_of_a_base_only_classifier():
     from algorithms.clipood import margin_logits
     method_cls = get_method("CLIPood")
     torch.manual_seed(0)
-    method = method_cls(["a", "b", "c"], {**method_cls.default_hparams(), **TINY,
-                                          "train_classes": 2})
+    method = method_cls.create(["a", "b", "c"], TINY, train_classes=2)
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
     with torch.no_grad():
         loss, _ = method.loss(x, y)
@@ -103,17 +106,28 @@ def test_margin_logits_of_a_base_only_classifier():
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, y))
 
 
+@needs_domainbed
 def test_baselines_keep_their_own_published_recipes():
-    clipood, alignclip = get_method("CLIPood"), get_method("AlignCLIP")
+    from domainbed import hparams_registry
+
+    def defaults(method, dataset):  # what a DomainBed job of the method gets (the book's)
+        return {**get_method(method).default_hparams(),
+                **recipes.values(method, "domainbed", dataset)}
     for dataset in ("PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet"):
-        hp = clipood.default_hparams(dataset)
+        hp = defaults("CLIPood", dataset)
         assert hp["margin_alpha"] == 0.3 and hp["batch_size"] == 12 and hp["bma_beta"] == 0.5
-    assert clipood.default_hparams("PACS")["total_steps"] == 5000
-    assert clipood.default_hparams("DomainNet")["total_steps"] == 10000
-    assert clipood.default_hparams("OfficeHome")["lr"] == 1e-5
-    assert alignclip.default_hparams("DomainNet")["margin_alpha"] == 0.1
-    assert alignclip.default_hparams("DomainNet")["total_steps"] == 10000
-    assert alignclip.default_hparams("PACS")["batch_size"] == 36
-    wild = clipood.default_hparams("OfficeHomeOpen")  # CLIPood scripts.sh, in_the_wild
+        assert hparams_registry.default_hparams("CLIPood", dataset)["batch_size"] == 12
+    assert defaults("CLIPood", "PACS")["steps"] == 5000
+    assert defaults("CLIPood", "DomainNet")["steps"] == 10000
+    assert defaults("CLIPood", "OfficeHome")["lr"] == 1e-5
+    assert defaults("CLIPood", "PACS")["lr"] == 5e-6
+    assert defaults("AlignCLIP", "DomainNet")["margin_alpha"] == 0.1
+    assert defaults("AlignCLIP", "DomainNet")["steps"] == 10000
+    assert defaults("AlignCLIP", "PACS")["batch_size"] == 36
+    wild = defaults("CLIPood", "OfficeHomeOpen")  # CLIPood scripts.sh, in_the_wild
     assert (wild["lr"], wild["margin_alpha"], wild["bma_beta"]) == (3e-6, 0.1, 0.1)
-    assert clipood.default_hparams("DomainNetOpen")["margin_alpha"] == 0.1
+    assert defaults("CLIPood", "DomainNetOpen")["margin_alpha"] == 0.1
+    registry = hparams_registry.default_hparams("AlignCLIP", "OfficeHomeOpen")
+    assert (registry["lr"], registry["margin_alpha"], registry["batch_size"]) == (3e-6, 0.1, 36)
+    assert all(recipe.source for recipe in recipes.recipe("CLIPood", "domainbed",
+                                                          "OfficeHomeOpen").values())

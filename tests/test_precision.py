@@ -13,6 +13,7 @@ from algorithms import alignclip as ac
 from algorithms import backbone, clipood
 from algorithms.clipood import margin_logits
 from algorithms.core import method as core
+from algorithms.core import precision as policy
 from algorithms.core.registry import get_method, methods
 from common import env as harness_env
 from tests.conftest import TINY, needs_coop, needs_domainbed
@@ -30,11 +31,11 @@ def no_feature_cache(monkeypatch):
 
 def make(name, **overrides):
     method_cls = get_method(name)
-    hparams = {**method_cls.default_hparams(), **TINY, "total_steps": 5, **overrides}
-    if "lr" in hparams:
-        hparams["lr"] = 1e-3
+    values = {**TINY, **overrides}
+    if "lr" in method_cls.hparams():
+        values["lr"] = 1e-3
     torch.manual_seed(0)
-    return method_cls(CLASSES, hparams)
+    return method_cls.create(CLASSES, values, total_steps=5)
 
 
 # --- the choice ------------------------------------------------------------------------
@@ -46,21 +47,21 @@ def test_auto_picks_bf16_where_native_fp16_with_scaler_otherwise_fp32_on_cpu(mon
         asked.append(including_emulation)
         return False
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", no_bf16)
-    assert core.choose_precision("auto", "cuda") == "fp16"
-    assert core.choose_precision(None, torch.device("cuda", 0)) == "fp16"
-    assert core.scales_gradients("fp16")
+    assert policy.choose_precision("auto", "cuda") == "fp16"
+    assert policy.choose_precision(None, torch.device("cuda", 0)) == "fp16"
+    assert policy.scales_gradients("fp16")
     assert asked == [False, False]  # emulated bf16 (pre-Ampere) does not count
     with pytest.raises(ValueError, match="no native bf16"):
-        core.choose_precision("bf16", "cuda")
-    assert core.choose_precision("fp32", "cuda") == "fp32"
+        policy.choose_precision("bf16", "cuda")
+    assert policy.choose_precision("fp32", "cuda") == "fp32"
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert core.choose_precision("auto", "cuda:0") == "bf16"
-    assert not core.scales_gradients("bf16") and not core.scales_gradients("fp32")
-    assert core.choose_precision("auto", "cpu") == "fp32"
-    assert core.choose_precision("bf16", "cpu") == "bf16"
+    assert policy.choose_precision("auto", "cuda:0") == "bf16"
+    assert not policy.scales_gradients("bf16") and not policy.scales_gradients("fp32")
+    assert policy.choose_precision("auto", "cpu") == "fp32"
+    assert policy.choose_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="precision 'half'"):
-        core.choose_precision("half", "cpu")
+        policy.choose_precision("half", "cpu")
 
 
 def test_every_method_declares_precision_and_old_records_mean_auto():
@@ -68,9 +69,8 @@ def test_every_method_declares_precision_and_old_records_mean_auto():
         assert method_cls.hparams()["precision"].default == "auto", name
     method = make("ZSCLIP")
     assert method.precision == "fp32" and method.grad_scaler is None  # CPU
-    hparams = {k: v for k, v in {**get_method("ZSCLIP").default_hparams(), **TINY}.items()
-               if k != "precision"}  # a record saved before `precision` existed
-    assert get_method("ZSCLIP")(CLASSES, hparams).precision == "fp32"
+    # a record saved before `precision` existed: its config is the declared default, auto
+    assert get_method("ZSCLIP").create(CLASSES, TINY).precision == "fp32"
 
 
 def test_fp16_steps_through_the_grad_scaler():
@@ -259,7 +259,7 @@ def test_dassl_config_and_record_hold_the_precision():
     da.add_method_configs(cfg)
     assert cfg.TRAINER.ALIGNCLIP.PRECISION == "auto"
     cfg.TRAINER.ALIGNCLIP.PRECISION = "bf16"
-    assert da.method_hparams(cfg, get_method("AlignCLIP"))["precision"] == "bf16"
+    assert da.method_config(cfg, get_method("AlignCLIP")).precision == "bf16"
     harness = types.SimpleNamespace(model=types.SimpleNamespace(precision="bf16"), cfg=cfg)
     assert da.run_precision(harness) == "bf16"
     from yacs.config import CfgNode as CN

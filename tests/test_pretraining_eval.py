@@ -1,5 +1,6 @@
 """pretraining/evaluate.py, datasets.py, modality_gap.py, export.py: the gap measures and
-retrieval recall on hand-computed examples, the dataset readers on small files written
+retrieval recall on hand-computed examples, the dataset readers (common/readers.py) and
+the evaluation sets made from them on small files written
 here (CIFAR pickles, COCO and Karpathy JSON, ImageNet-style folders), the linear probe on a
 separable toy set, and the CLI end to end on a tiny random model (record, figure, one-line
 errors that leave nothing behind)."""
@@ -13,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common import readers
 from pretraining import datasets as ds
 from pretraining import evaluate, modality_gap
 
@@ -76,6 +78,20 @@ def test_retrieval_recall_with_several_captions_per_image():
                                                abs=1e-3)
 
 
+def test_retrieval_recall_counts_ties_against_the_query():
+    # the hand-computed tie case of tests/test_comalign.py (one rule, common/retrieval.py):
+    # images e0, e1; captions u, u, e1 of images 0, 1, 1 (u = (e0 + e1)/sqrt2). S[text, image]:
+    sim = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.0, 1.0]])
+    r = evaluate.retrieval_recalls(sim, [0, 1, 1], ks=(1, 2))
+    # text->image: captions 0, 1 tie between both images (found at 2), caption 2 at 1
+    assert r["text_to_image"] == pytest.approx({"R@1": 100 / 3, "R@2": 100.0}, abs=1e-3)
+    # image->text: image 0's caption ties with caption 1 (found at 2); image 1 at 1
+    assert r["image_to_text"] == pytest.approx({"R@1": 50.0, "R@2": 100.0}, abs=1e-3)
+    # a model that scores everything alike finds nothing at 1
+    flat = evaluate.retrieval_recalls(torch.zeros(3, 2), [0, 1, 1], ks=(1,))
+    assert flat == {"text_to_image": {"R@1": 0.0}, "image_to_text": {"R@1": 0.0}}
+
+
 def test_topk_accuracy_has_no_top5_with_few_classes():
     logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
     assert evaluate.topk_accuracy(logits, torch.tensor([1, 1, 1])) == \
@@ -108,20 +124,20 @@ def write_cifar(root, kind="cifar10", per_batch=4):
 
 def test_cifar_readers_on_small_pickles(tmp_path):
     root = write_cifar(tmp_path / "c10")
-    test = ds.cifar("cifar10", root, train=False)
+    test = readers.cifar("cifar10", root, train=False)
     assert test.classnames == ["airplane", "automobile", "bird"]
     assert len(test) == 4 and test.labels == [(5 + i) % 3 for i in range(4)]
     assert test.info == {"split": "test", "md5_ok": False}
     image, label = test.torch_dataset(lambda im: np.asarray(im))[1]
     assert image.shape == (32, 32, 3) and label == test.labels[1]
     assert (image[..., 0] == 100 * label).all()
-    train, tests = ds.linear_probe_sets(ds.parse_spec(f"cifar10:{root}", ds.LINEAR_PROBE_TYPES))
+    train, tests = ds.linear_probe_sets(readers.parse_spec(f"cifar10:{root}", ds.LINEAR_PROBE_TYPES))
     assert len(train) == 20 and len(tests[0]) == 4
-    c100 = ds.cifar("cifar100", write_cifar(tmp_path / "c100", "cifar100"), train=True)
+    c100 = readers.cifar("cifar100", write_cifar(tmp_path / "c100", "cifar100"), train=True)
     assert c100.classnames == ["apple", "aquarium fish", "baby"] and len(c100) == 4
-    with pytest.raises(ds.DataError, match="test_batch: no such file"):
+    with pytest.raises(readers.DataError, match="test_batch: no such file"):
         (root / "cifar-10-batches-py" / "test_batch").unlink()
-        ds.cifar("cifar10", root, train=False)
+        readers.cifar("cifar10", root, train=False)
 
 
 def write_images(folder, names, k0=0):
@@ -139,7 +155,7 @@ def test_coco_and_karpathy_readers(tmp_path):
                             {"image_id": 3, "caption": "green one", "id": 2},
                             {"image_id": 7, "caption": "a red square", "id": 3}]}
     (tmp_path / "captions_val2017.json").write_text(json.dumps(coco))
-    s = ds.retrieval_set(ds.parse_spec(f"coco:{tmp_path / 'captions_val2017.json'},"
+    s = ds.retrieval_set(readers.parse_spec(f"coco:{tmp_path / 'captions_val2017.json'},"
                                        f"images={tmp_path / 'img'}", ds.RETRIEVAL_TYPES))
     assert [Path(p).name for p in s.images] == ["b.jpg", "a.jpg"]  # by image id
     assert s.captions == ["green one", "red one", "a red square"]
@@ -155,18 +171,18 @@ def test_coco_and_karpathy_readers(tmp_path):
     assert k.name == "flickr30k-test" and k.captions == ["x", "y", "w"]
     assert k.text_to_image == [0, 0, 1] and k.images[1].endswith("img/val/d.jpg")
     assert ds.karpathy(tmp_path / "dataset_flickr30k.json", tmp_path / "img", "train").captions == ["z"]
-    with pytest.raises(ds.DataError, match="no images of split 'val'"):
+    with pytest.raises(readers.DataError, match="no images of split 'val'"):
         ds.karpathy(tmp_path / "dataset_flickr30k.json", tmp_path / "img", "val")
     # wrong layouts name the file
     (tmp_path / "bad.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}]}))
-    with pytest.raises(ds.DataError, match="bad.json: not COCO captions"):
+    with pytest.raises(readers.DataError, match="bad.json: not COCO captions"):
         ds.coco_captions(tmp_path / "bad.json", tmp_path / "img")
     (tmp_path / "bad2.json").write_text(json.dumps({"images": [{"filename": "a.jpg"}]}))
-    with pytest.raises(ds.DataError, match="bad2.json: not a Karpathy split file"):
+    with pytest.raises(readers.DataError, match="bad2.json: not a Karpathy split file"):
         ds.karpathy(tmp_path / "bad2.json", tmp_path / "img")
     coco["images"][0]["file_name"] = "missing.jpg"
     (tmp_path / "c2.json").write_text(json.dumps(coco))
-    with pytest.raises(ds.DataError, match="missing.jpg: no such image file"):
+    with pytest.raises(readers.DataError, match="missing.jpg: no such image file"):
         ds.coco_captions(tmp_path / "c2.json", tmp_path / "img")
 
 
@@ -175,17 +191,17 @@ def test_imagenet_style_folders_with_class_subsets(tmp_path):
     names.write_text("n01 tench\nn02 goldfish\nn03 great white shark\nn04 tiger shark\n")
     for wnid in ("n02", "n04"):  # an ImageNet-R-like subset of the mapping
         write_images(tmp_path / "r" / wnid, ["0.png", "1.png"])
-    s = ds.image_folder(tmp_path / "r", names)
+    s = readers.image_folder(tmp_path / "r", names)
     assert s.classnames == ["goldfish", "tiger shark"] and s.labels == [0, 0, 1, 1]
     assert s.info == {"classes_of_mapping": 4}
     for index in ("0", "2"):  # ImageNet-V2: folders are class indices
         write_images(tmp_path / "v2" / index, ["0.png"])
-    assert ds.image_folder(tmp_path / "v2", names).classnames == ["tench", "great white shark"]
+    assert readers.image_folder(tmp_path / "v2", names).classnames == ["tench", "great white shark"]
     write_images(tmp_path / "plain" / "half_moon", ["0.png"])
-    assert ds.image_folder(tmp_path / "plain").classnames == ["half moon"]
+    assert readers.image_folder(tmp_path / "plain").classnames == ["half moon"]
     write_images(tmp_path / "odd" / "n09", ["0.png"])
-    with pytest.raises(ds.DataError, match="no class name for folder 'n09'"):
-        ds.image_folder(tmp_path / "odd", names)
+    with pytest.raises(readers.DataError, match="no class name for folder 'n09'"):
+        readers.image_folder(tmp_path / "odd", names)
 
 
 def test_linear_probe_learns_a_separable_toy_set():
@@ -248,6 +264,12 @@ def test_cli_end_to_end_writes_one_record_and_a_figure(tmp_path, tiny_checkpoint
     assert code == 0, capsys.readouterr().err
     rec = json.loads((out / evaluate.RECORD_NAME).read_text())
     assert rec["kind"] == "pretraining_eval" and rec["method"] == "SharedCLIP" and rec["tied"]
+    from common.run_facts import check_facts, file_digest
+    run = check_facts(rec["run"], "record")
+    assert (run["protocol"], run["stage"], run["method"]) == ("pretraining", "eval", "SharedCLIP")
+    assert (run["backbone"], run["precision"]) == ("tiny-sharedclip", "fp32")
+    assert run["weights_digest"] == file_digest(tiny_checkpoint) and run["seeds"] == {"seed": 0}
+    assert run["config"]["retrieval"][0] == f"pairs:{d['pairs']}" and f"cifar10:{cifar}" in run["dataset"]
     assert rec["checkpoint"] == str(tiny_checkpoint.resolve())
     assert rec["order"]["zeroshot"] == ["squares", "cifar10"]
     zs = rec["zeroshot"]["squares"]

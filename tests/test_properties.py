@@ -21,9 +21,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
+import recipes
 from algorithms.core import registry
+from algorithms.core.config import build_config
 from algorithms.core.hparams import accepts, check_overrides
-from results import kind_dassl, kind_domainbed, records as records_mod, reference
+from common import records as records_mod
+from results import kind_dassl, kind_domainbed, reference
 from tests.conftest import needs_coop, needs_domainbed
 from tests.test_results_dassl import write_run
 from tests.test_results_domainbed import make_job
@@ -63,12 +66,15 @@ def in_declared_range(method, name, hp, value) -> bool:
 @given(method=st.sampled_from(sorted(METHODS)), dataset=st.sampled_from(DATASETS),
        seed=st.integers(0, 2 ** 32 - 1))
 def test_every_draw_is_in_its_declared_range_and_json(method, dataset, seed):
-    for name, hp in METHODS[method].hparams(dataset).items():
+    book = recipes.method_values(method, "domainbed", dataset)
+    for name, hp in METHODS[method].hparams().items():
         value = hp.sample(np.random.RandomState(seed))
         assert json_roundtrip(value) == value, (method, name, value)
         assert in_declared_range(method, name, hp, value), (method, dataset, name, value)
         assert accepts(hp.default, value), (method, name, value)  # --hparams would take it
         assert in_declared_range(method, name, hp, hp.default), (method, dataset, name)
+        if name in book and not hp.fixed:  # the recipe's default is a value the search draws
+            assert in_declared_range(method, name, hp, book[name]), (method, dataset, name)
 
 
 @needs_domainbed
@@ -82,12 +88,17 @@ def test_domainbed_registry_draws_each_declared_hparam_in_range(data, seed):
     dataset = data.draw(st.sampled_from(sorted(datasets.DATASETS)))
     drawn = hparams_registry.random_hparams(method, dataset, seed)
     assert json_roundtrip(drawn) == drawn
-    tiny = {**debug_datasets.TINY_MODEL, **METHODS[method].tiny_hparams}
-    for name, hp in METHODS[method].hparams(dataset).items():
+    tiny = {**debug_datasets.TINY_MODEL, **recipes.values(method, "tiny")}
+    book = recipes.recipe(method, "domainbed", dataset)
+    for name, hp in METHODS[method].hparams().items():
         if dataset in debug_datasets.DEBUG_DATASETS and name in tiny:
             assert drawn[name] == tiny[name]
+        elif name in book and hp.fixed:
+            assert drawn[name] == book[name].value, (method, dataset, name)
         else:
             assert in_declared_range(method, name, hp, drawn[name]), (method, dataset, name)
+    if "batch_size" in book:  # DomainBed's own, from the book's choices
+        assert drawn["batch_size"] in book["batch_size"].search
     defaults = hparams_registry.default_hparams(method, dataset)
     check_overrides(drawn, defaults, "a random draw")  # every draw passes --hparams
 
@@ -97,11 +108,12 @@ def test_domainbed_registry_draws_each_declared_hparam_in_range(data, seed):
     st.sampled_from(sorted(METHODS["AlignCLIP"].default_hparams())) | st.text(max_size=8),
     json_values, max_size=4))
 def test_hparams_check_takes_exactly_known_keys_of_their_type(overrides):
-    defaults = METHODS["AlignCLIP"].default_hparams("PACS")
+    defaults = METHODS["AlignCLIP"].default_hparams()
     fine = all(k in defaults and (defaults[k] is None or type(v) in JSON_TYPES[type(defaults[k])])
                for k, v in overrides.items())
     try:
         check_overrides(overrides, defaults, "--hparams")
+        build_config(METHODS["AlignCLIP"], overrides, "--hparams")  # the same check
     except ValueError as e:
         message = str(e)
         assert not fine and "\n" not in message and message.startswith("--hparams: ")
@@ -318,40 +330,46 @@ def parses_or_fails_in_one_line(readers, content, errors, name="captions.json"):
 @BOUNDED
 @given(spec=st.text(max_size=30))
 def test_dataset_specs_parse_or_fail_in_one_line(spec):
-    from pretraining import comalign_data, datasets
-    try:
-        datasets.parse_spec(spec, datasets.RETRIEVAL_TYPES)
-    except datasets.DataError as e:
-        assert fails_in_one_line_naming(e, repr(spec))
-    try:
-        comalign_data.parse_spec(spec)
-    except ValueError as e:
-        assert fails_in_one_line_naming(e, repr(spec))
+    from algorithms.comalign import data as comalign_data
+    from common import readers
+    for allowed, what in ((("coco", "karpathy", "pairs", "world"), ""),
+                          (comalign_data.PAIR_TYPES, "pair set")):
+        try:
+            readers.parse_spec(spec, allowed, what)
+        except readers.DataError as e:
+            assert fails_in_one_line_naming(e, repr(spec))
 
 
 @BOUNDED
 @given(content=caption_files)
 def test_evaluation_caption_json_parses_or_fails_in_one_line(content):
+    from common import readers
     from pretraining import datasets
-    parses_or_fails_in_one_line([datasets.coco_captions, datasets.karpathy], content,
-                                datasets.DataError)
+    parses_or_fails_in_one_line([datasets.coco_captions, datasets.karpathy,
+                                 lambda p, _: readers.read_coco_instances(p),
+                                 lambda p, _: readers.read_sugarcrepe(p),
+                                 lambda p, _: readers.read_aro(p)], content, readers.DataError)
 
 
 @BOUNDED
 @example(content=b"\x80")
 @given(content=text_files)
 def test_evaluation_caption_csv_and_class_names_parse_or_fail_in_one_line(content):
+    from common import readers
     from pretraining import datasets
     parses_or_fails_in_one_line([lambda p, _: datasets.pairs_csv(p),
-                                 lambda p, _: datasets.read_classnames(p)], content,
-                                datasets.DataError, name="pairs.csv")
+                                 lambda p, _: readers.read_classnames(p)], content,
+                                readers.DataError, name="pairs.csv")
 
 
 @BOUNDED
 @example(content=b"{}")
 @given(content=caption_files | text_files)
 def test_comalign_caption_files_parse_or_fail_in_one_line(content):
-    from pretraining import comalign_data
-    parses_or_fails_in_one_line([comalign_data.read_coco_captions, comalign_data.read_karpathy,
-                                 lambda p, _: comalign_data.read_pairs_csv(p)], content,
-                                (ValueError, FileNotFoundError))
+    from algorithms.comalign import data as comalign_data
+    from common import readers
+
+    def pairs(spec_type):
+        return lambda p, images: comalign_data.load_pairs(f"{spec_type}:{p},images={images}")
+    parses_or_fails_in_one_line([pairs("coco"), pairs("karpathy"), pairs("pairs")], content,
+                                readers.DataError)

@@ -4,20 +4,35 @@ import json
 
 import pytest
 
+from common.run_facts import run_facts
 from results import reference
 from results.kind_dassl import Dassl, load_runs, protocol_of
 from results.tables import to_markdown
 
 
+def facts(trainer, dataset, subsample, seed, protocol=None, stage=None, precision="fp32",
+          backbone="ViT-B/16"):
+    """The run facts a Dassl run records (common/run_facts.py); by default a base-to-new
+    run for base/new classes, else a plain train_coop.py run."""
+    protocol = protocol or ("base2new" if subsample in ("base", "new") else "dassl")
+    stage = stage or (subsample if protocol == "base2new" else "test")
+    return run_facts(protocol=protocol, stage=stage, method=trainer, config={}, dataset=dataset,
+                     precision=precision, backbone=backbone, seeds={"seed": seed})
+
+
 def write_run(root, trainer, dataset, subsample, seed, accuracy, shots=16, split="test",
-              **extra):
+              protocol=None, stage=None, precision="fp32", backbone="ViT-B/16", **extra):
     run = root / trainer / dataset / subsample / f"shots_{shots}" / f"seed{seed}"
+    if (precision, backbone) != ("fp32", "ViT-B/16"):
+        run = run / f"{backbone.replace('/', '')}_{precision}"
     run.mkdir(parents=True)
     (run / "log.txt").write_text("...\n")
     record = {"kind": "dassl", "trainer": trainer, "dataset": dataset,
               "subsample_classes": subsample, "num_shots": shots, "seed": seed, "split": split,
               "num_classes": 10, "metrics": {"accuracy": accuracy, "error_rate": 100 - accuracy,
-                                             "macro_f1": accuracy - 1}, **extra}
+                                             "macro_f1": accuracy - 1},
+              "run": facts(trainer, dataset, subsample, seed, protocol, stage, precision,
+                           backbone), **extra}
     (run / "results.json").write_text(json.dumps(record))
     return run
 
@@ -74,23 +89,64 @@ def test_missing_side_is_missing_not_zero(tmp_path):
     assert "| MaPLe | 95.00 ± 0.00 | — | — |" in to_markdown(table)
 
 
-def test_protocol_inference_and_recorded_protocol():
-    def rec(dataset, sub="all", shots=-1, **kw):
-        return {"dataset": dataset, "subsample_classes": sub, "num_shots": shots, **kw}
-    assert protocol_of(rec("OxfordPets", "new", 16)) == "base2new"
-    assert protocol_of(rec("ImageNetSketch")) == "dg"
-    assert protocol_of(rec("ImageNet", shots=16)) == "source"
-    assert protocol_of(rec("EuroSAT")) == "xd"
-    assert protocol_of(rec("EuroSAT", shots=16)) == "fewshot"
-    assert protocol_of(rec("EuroSAT", shots=16, protocol="xd")) == "xd"
+def test_the_table_of_a_run_is_read_from_its_run_facts():
+    def rec(dataset, sub="all", protocol=None, stage=None):
+        return {"dataset": dataset, "subsample_classes": sub,
+                "run": facts("CoOp", dataset, sub, 1, protocol, stage)}
+    assert protocol_of(rec("OxfordPets", "new")) == "base2new"
+    assert protocol_of(rec("ImageNetSketch", protocol="domain_generalization",
+                           stage="target")) == "dg"
+    assert protocol_of(rec("ImageNet", protocol="cross_dataset", stage="source")) == "source"
+    assert protocol_of(rec("ImageNet", protocol="domain_generalization",
+                           stage="source")) == "source"
+    assert protocol_of(rec("EuroSAT", protocol="cross_dataset", stage="target")) == "xd"
+    # no guess from dataset names: a plain run on ImageNetSketch or EuroSAT is its own
+    assert protocol_of(rec("ImageNetSketch")) == "fewshot"
+    assert protocol_of(rec("EuroSAT")) == "fewshot"
+    assert protocol_of(rec("OxfordPets", "base")) == "base2new"
+
+
+def test_a_record_without_run_facts_is_left_out_and_named(tmp_path):
+    write_run(tmp_path, "CoOp", "OxfordPets", "base", 1, 90.0)
+    old = write_run(tmp_path, "CoOp", "OxfordPets", "base", 2, 92.0)
+    record = json.loads((old / "results.json").read_text())
+    del record["run"]
+    (old / "results.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match=f"seed2/results.json: run: no run facts .*left out"):
+        runs, tables = make_tables(tmp_path)
+    assert [r.seed for r in runs.runs] == [1] and len(runs.damaged) == 1
+    assert any("seed2/results.json (run: no run facts" in n
+               for n in tables["dassl_base2new_OxfordPets"].notes)
+
+
+def test_runs_that_differ_in_precision_or_backbone_are_never_pooled(tmp_path):
+    for precision, backbone, acc in (("fp32", "ViT-B/16", 90.0), ("fp16", "ViT-B/16", 80.0),
+                                     ("fp32", "RN50", 70.0)):
+        write_run(tmp_path, "CoOp", "OxfordPets", "base", 1, acc, precision=precision,
+                  backbone=backbone)
+        write_run(tmp_path, "CoOp", "OxfordPets", "new", 1, acc, precision=precision,
+                  backbone=backbone)
+    _, tables = make_tables(tmp_path)
+    pets = tables["dassl_base2new_OxfordPets"]
+    rows = {r.label: r for r in pets.rows if r.role == "measured"}
+    assert set(rows) == {"CoOp (ViT-B/16, fp32)", "CoOp (ViT-B/16, fp16)", "CoOp (RN50, fp32)"}
+    assert pets.cell(rows["CoOp (ViT-B/16, fp16)"], "Base").text(2) == "80.00 ± 0.00"
+    assert any(r.label == "Δ CoOp (RN50, fp32) − CoOp (published)" for r in pets.rows)
+    assert any("never pooled" in n for n in pets.notes)
+    _, tables = make_tables(base2new_runs(tmp_path / "one"))
+    assert "These runs' backbone: ViT-B/16; precision: fp32." in \
+        tables["dassl_base2new_OxfordPets"].notes
 
 
 def test_cross_dataset_and_domain_generalization_tables(tmp_path):
+    xd = {"protocol": "cross_dataset", "stage": "target"}
     for seed in (1, 2):
-        write_run(tmp_path, "CoCoOp", "ImageNet", "all", seed, 70.0 + seed)
-        write_run(tmp_path, "CoCoOp", "EuroSAT", "all", seed, 40.0 + seed, shots=-1)
-        write_run(tmp_path, "CoCoOp", "DescribableTextures", "all", seed, 45.0, shots=-1)
-        write_run(tmp_path, "CoCoOp", "ImageNetV2", "all", seed, 64.0, shots=-1)
+        write_run(tmp_path, "CoCoOp", "ImageNet", "all", seed, 70.0 + seed,
+                  protocol="cross_dataset", stage="source")
+        write_run(tmp_path, "CoCoOp", "EuroSAT", "all", seed, 40.0 + seed, shots=-1, **xd)
+        write_run(tmp_path, "CoCoOp", "DescribableTextures", "all", seed, 45.0, shots=-1, **xd)
+        write_run(tmp_path, "CoCoOp", "ImageNetV2", "all", seed, 64.0, shots=-1,
+                  protocol="domain_generalization", stage="target")
     _, tables = make_tables(tmp_path)
     xd, dg = tables["dassl_xd"], tables["dassl_dg"]
     assert xd.columns == ["ImageNet", "DescribableTextures", "EuroSAT", "Average"]

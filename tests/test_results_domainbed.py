@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.run_facts import run_facts
 from results import kind_domainbed, reference
 from results.kind_domainbed import load_sweep
 from results.tables import to_markdown
@@ -17,15 +18,32 @@ from tests.conftest import PY, needs_domainbed, run
 PACS_ENVS = ["A", "C", "P", "S"]
 
 
+def job_facts(algorithm, dataset, test_envs, trial_seed, hparams_seed, steps,
+              precision="fp32", backbone="tiny-vit"):
+    """The run facts the DomainBed adapter records in hparams["run"] (common/run_facts.py)."""
+    domains = PACS_ENVS if dataset == "PACS" else None
+    return run_facts(protocol="domainbed_open" if dataset.endswith("Open") else "domainbed",
+                     stage="train", method=algorithm, config={"lr": 1e-5 * (hparams_seed + 1)},
+                     precision=precision, backbone=backbone, weights_digest="sha256:0",
+                     dataset=dataset, domains=domains,
+                     test_domains=[domains[t] for t in test_envs] if domains else None,
+                     seeds={"trial_seed": trial_seed, "hparams_seed": hparams_seed, "seed": 1234},
+                     steps=steps)
+
+
 def make_job(sweep, algorithm, test_envs, trial_seed, hparams_seed, steps, dataset="PACS",
-             done=True, truncate=False):
+             done=True, truncate=False, precision="fp32", backbone="tiny-vit", facts=True):
     """One job dir like DomainBed's train.py writes: a record per checkpoint (`steps` is a
-    list of {env: (in_acc, out_acc)}), then `done` when it finished."""
-    name = f"{algorithm}_{dataset}_{'-'.join(map(str, test_envs))}_t{trial_seed}_h{hparams_seed}"
+    list of {env: (in_acc, out_acc)}), then `done` when it finished. Its hparams hold the
+    run facts (facts=False: a record written before they were recorded)."""
+    name = (f"{algorithm}_{dataset}_{'-'.join(map(str, test_envs))}_t{trial_seed}_h{hparams_seed}"
+            + ("" if (precision, backbone) == ("fp32", "tiny-vit") else f"_{backbone}_{precision}"))
     job = sweep / name
     job.mkdir(parents=True)
     (job / "out.txt").write_text("Args:\n")
     lines = []
+    facts = job_facts(algorithm, dataset, test_envs, trial_seed, hparams_seed,
+                      (len(steps) - 1) * 100 + 1, precision, backbone) if facts else None
     for step, accs in enumerate(steps):
         record = {"args": {"algorithm": algorithm, "dataset": dataset, "test_envs": test_envs,
                            "hparams_seed": hparams_seed, "trial_seed": trial_seed,
@@ -33,7 +51,8 @@ def make_job(sweep, algorithm, test_envs, trial_seed, hparams_seed, steps, datas
                            "hparams": json.dumps({"lr": 1e-5 * (hparams_seed + 1)}),
                            "output_dir": str(job), "seed": 1234, "checkpoint_freq": 100,
                            "steps": (len(steps) - 1) * 100 + 1},  # the last record is the last step
-                  "hparams": {"lr": 1e-5 * (hparams_seed + 1), "clip_model": "tiny-vit"},
+                  "hparams": {"lr": 1e-5 * (hparams_seed + 1), "clip_model": backbone,
+                              "precision": precision, **({"run": facts} if facts else {})},
                   "step": step * 100, "epoch": float(step), "mem_gb": 0.1, "step_time": 0.1}
         for env, (acc_in, acc_out) in accs.items():
             record[f"env{env}_in_acc"], record[f"env{env}_out_acc"] = acc_in, acc_out
@@ -126,10 +145,39 @@ def test_records_cut_at_a_line_boundary_or_doubled_are_damage(tmp_path):
     assert not sweep.records and sweep.finished_jobs == 0
 
 
-def test_env_names_come_from_upstream_source_or_fall_back():
-    if kind_domainbed.upstream_environments():
+def test_env_names_come_from_the_run_facts_else_upstream_else_fall_back():
+    named = {"hparams": {"run": job_facts("ZSCLIP", "PACS", [0], 0, 0, 1)}}
+    named["hparams"]["run"]["domains"] = ["w", "x", "y", "z"]
+    assert kind_domainbed.env_names("PACS", 4, [named]) == ["w", "x", "y", "z"]
+    if kind_domainbed.dataset_environments("PACS"):  # the imported upstream class's
         assert kind_domainbed.env_names("PACS", 4) == PACS_ENVS
     assert kind_domainbed.env_names("NotADataset", 2) == ["env0", "env1"]
+
+
+def test_a_harness_job_without_run_facts_is_left_out_and_named(tmp_path):
+    make_job(tmp_path, "ZSCLIP", [0], 0, 0, [{0: (0.5, 0.5), 1: (0.6, 0.6)}])
+    old = make_job(tmp_path, "CLIPood", [0], 0, 0, [{0: (0.5, 0.5), 1: (0.6, 0.6)}],
+                   facts=False)
+    with pytest.warns(UserWarning, match=f"{old.name}/results.jsonl: a harness job's record "
+                      "without run facts"):
+        sweep = load_sweep(sorted(tmp_path.rglob("done")))
+    assert {r["args"]["algorithm"] for r in sweep.records} == {"ZSCLIP"}
+    assert [d.path.parent for _, d in sweep.damaged] == [old]
+    bad = make_job(tmp_path / "bad", "ZSCLIP", [0], 0, 0, [{0: (0.5, 0.5), 1: (0.6, 0.6)}])
+    text = (bad / "results.jsonl").read_text().replace('"schema": "clipbench-run-v1", ', "")
+    (bad / "results.jsonl").write_text(text)
+    with pytest.warns(UserWarning, match="run facts lack schema"):
+        assert not load_sweep(sorted((tmp_path / "bad").rglob("done")))
+
+
+def test_an_upstream_algorithm_needs_no_run_facts(tmp_path):
+    job = make_job(tmp_path, "ERM", [0], 0, 0, [{0: (0.5, 0.5), 1: (0.6, 0.6)}], facts=False)
+    text = (job / "results.jsonl").read_text().replace('"clip_model": "tiny-vit", ', "")
+    (job / "results.jsonl").write_text(text)
+    sweep = load_sweep(sorted(tmp_path.rglob("done")))
+    assert len(sweep.records) == 1 and not sweep.damaged
+    assert kind_domainbed.setting_of(sweep.records[0]) == (kind_domainbed.UPSTREAM_BACKBONE,
+                                                           "fp32")
 
 
 # --- selection and statistics (upstream model_selection) ------------------------------
@@ -168,6 +216,32 @@ def test_mixed_hparams_are_grouped_by_hparams_seed(tmp_path):
     iid = tables["domainbed_iid_PACS"]
     assert cell(iid, "ZSCLIP", "C").mean is None and cell(iid, "ZSCLIP", "Avg").mean is None
     assert "| ZSCLIP | 52.0 ± 0.0 | — | — | — | — |" in to_markdown(iid)
+
+
+@needs_domainbed
+def test_runs_that_differ_in_precision_or_backbone_are_never_pooled(tmp_path):
+    for precision, backbone, acc in (("fp32", "tiny-vit", 0.8), ("bf16", "tiny-vit", 0.6),
+                                     ("fp32", "ViT-B-16", 0.4)):
+        make_job(tmp_path, "ZSCLIP", [0], 0, 0, [{e: (acc, 0.5) for e in range(4)}],
+                 precision=precision, backbone=backbone)
+    _, tables = tables_by_name(tmp_path)
+    for name in ("domainbed_iid_PACS", "domainbed_oracle_PACS", "domainbed_iid_averages"):
+        table = tables[name]
+        rows = {r.label: r for r in table.rows if r.role == "measured"}
+        assert set(rows) == {"ZSCLIP (tiny-vit, fp32)", "ZSCLIP (tiny-vit, bf16)",
+                             "ZSCLIP (ViT-B-16, fp32)"}, name
+        if name.endswith("PACS"):
+            assert table.cell(rows["ZSCLIP (tiny-vit, bf16)"], "A").mean == pytest.approx(60.0)
+            assert table.cell(rows["ZSCLIP (ViT-B-16, fp32)"], "A").mean == pytest.approx(40.0)
+        assert all(r.key == "ZSCLIP" for r in rows.values())  # published rows still match
+        assert any("never pooled" in n and "(tiny-vit, bf16)" in n for n in table.notes), name
+    (tmp_path / "one").mkdir()
+    make_job(tmp_path / "one", "ZSCLIP", [0], 0, 0, [{e: (0.7, 0.5) for e in range(4)}],
+             precision="bf16")
+    _, tables = tables_by_name(tmp_path / "one")
+    for table in tables.values():  # one setting: plain rows, each table names it
+        assert "These runs' backbone: tiny-vit; precision: bf16." in table.notes, table.name
+        assert {r.label for r in table.rows if r.role == "measured"} == {"ZSCLIP"}
 
 
 @needs_domainbed

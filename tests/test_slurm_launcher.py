@@ -1,4 +1,4 @@
-"""sweeps/slurm.py: DomainBed's `--command_launcher slurm` and the CoOp protocols'
+"""common/slurm.py and domainbed_adapter/launchers.py: DomainBed's `--command_launcher slurm` and the CoOp protocols'
 `--launcher slurm`, through submitit. Slurm is stood in for twice: submitit's local
 executor runs the jobs on this machine, and a fake `sbatch` on PATH takes the array (its
 script, written by submitit, is checked, and one task is then run as a Slurm node runs it:
@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from common import env
+from common import env, slurm
+from domainbed_adapter import launchers
 from sweeps import coop_protocols as cp
-from sweeps import demo, slurm
+from sweeps import demo
 from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, run
 from tests.test_coop_protocols import openai_clip_dir  # noqa: F401 (fixture)
 
@@ -137,7 +138,7 @@ def test_a_failed_job_is_reported_and_keeps_no_done(tmp_path, monkeypatch, capsy
     bad = "python -c \"import sys; print('boom', file=sys.stderr); sys.exit(3)\" --output_dir sweep/bad"
     for name in ("good", "bad"):
         (tmp_path / "sweep" / name).mkdir(parents=True)
-    slurm.domainbed_launcher([good, bad])
+    launchers.slurm_launcher([good, bad])
     out = capsys.readouterr().out
     logs = tmp_path / "sweep" / "slurm_logs"
     assert (tmp_path / "sweep" / "good" / "done").exists()
@@ -237,7 +238,7 @@ def test_a_bad_option_or_no_slurm_submits_nothing(variables, message, tmp_path, 
         (tmp_path / "sweep" / name).mkdir(parents=True)
     (tmp_path / "sweep" / "c" / "out.txt").write_text("not ours to delete")
     with pytest.raises(SystemExit) as exit_:
-        slurm.domainbed_launcher(commands)
+        launchers.slurm_launcher(commands)
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"slurm launcher: error: {message}\n"
     assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["c"]

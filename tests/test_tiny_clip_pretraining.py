@@ -76,6 +76,13 @@ def test_report_beside_the_checkpoint(trained):
     assert report["train_seconds"] > 0 and report["final_val_clip_loss"] > 0
     assert (trained["ckpt"].parent / report["open_clip_train_log"]).is_file()
     assert "painting" in pretrain.format_report(report)
+    from common.run_facts import check_facts
+    facts = check_facts(report["run"], "tiny-clip.json")
+    assert (facts["protocol"], facts["stage"], facts["method"]) == ("pretraining", "train", "CLIP")
+    assert (facts["backbone"], facts["precision"], facts["seeds"]) == ("tiny-vit", "fp32", {"seed": 0})
+    assert facts["weights_digest"] is None  # from scratch: no starting weights file
+    assert facts["dataset"] == Path(trained["paths"]["pairs_train_csv"]).name
+    assert facts["config"]["epochs"] == CONFIG.epochs and facts["config"]["text_tower_from"] is None
 
 
 def test_cache_key_is_stable_and_follows_config_and_world(trained):
@@ -142,7 +149,10 @@ def test_second_stage_learns_the_image_tower_on_the_locked_text_tower(trained):
     opts = pretrain.world_options(trained["root"] / "world")
     text_ckpt = pretrain.cached_checkpoint(cache, pretrain.cache_key(stage1, opts))
     assert text_ckpt is not None and ckpt.parent != text_ckpt.parent
-    assert pretrain.read_report(ckpt)["text_tower_from"] == str(text_ckpt)
+    report = pretrain.read_report(ckpt)
+    assert report["text_tower_from"] == str(text_ckpt)
+    assert report["run"]["config"]["text_tower_from"] == "tiny-rn"
+    assert report["run"]["weights_digest"].startswith("sha256:")  # its init.pt
     vit = torch.load(ckpt, weights_only=True)
     rn = torch.load(text_ckpt, weights_only=True)
     text_keys = [k for k in vit if not k.startswith("visual.") and k != "logit_scale"]

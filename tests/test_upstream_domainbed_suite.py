@@ -74,17 +74,18 @@ def test_upstream_test_models_builds_every_harness_algorithm():
 def test_debug_datasets_give_harness_algorithms_names_and_their_image_size():
     import torch
     from domainbed import datasets, hparams_registry
-    from domainbed_adapter import patches
+    from domainbed_adapter import job, patches
     patches.patch_loaded()
     hparams = hparams_registry.default_hparams("AlignCLIP", "Debug28")
     assert (hparams["clip_model"], hparams["clip_pretrained"]) == ("tiny-vit", "")
-    assert hparams["aligned_layers"] == 2  # AlignCLIP's tiny_hparams: tiny-vit has 4 blocks
+    assert hparams["aligned_layers"] == 2  # the recipe book's tiny values: tiny-vit has 4 blocks
     drawn = hparams_registry.random_hparams("AlignCLIP", "Debug224", 7)
     assert (drawn["clip_model"], drawn["aligned_layers"]) == ("tiny-vit", 2)
     for name in ("Debug28", "Debug224"):
         hparams = hparams_registry.default_hparams("ZSCLIP", name)
         dataset = datasets.get_dataset_class(name)("", [], hparams)
-        assert hparams["class_names"] == ["class 0", "class 1"]
+        assert job.class_names(job.for_hparams(hparams), hparams) == ["class 0", "class 1"]
+        assert "class_names" not in hparams
         assert dataset.input_shape == (3, 64, 64) and dataset[0][0][0].shape == (3, 64, 64)
         assert torch.equal(dataset[1].tensors[1], dataset[1].tensors[1].long())
     upstream = hparams_registry.default_hparams("ERM", "Debug28")
@@ -92,4 +93,4 @@ def test_debug_datasets_give_harness_algorithms_names_and_their_image_size():
     assert dataset.input_shape == (3, 28, 28) and "class_names" not in upstream
     given = dict(hparams_registry.default_hparams("ZSCLIP", "Debug28"), class_names=["a", "b"])
     datasets.Debug28("", [], given)
-    assert given["class_names"] == ["a", "b"]
+    assert job.class_names(job.for_hparams(given), given) == ["a", "b"]

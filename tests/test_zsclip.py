@@ -7,7 +7,7 @@ from tests.conftest import TINY
 
 def make_zsclip(classnames=("circle", "square", "star")):
     torch.manual_seed(0)
-    return get_method("ZSCLIP")(list(classnames), dict(TINY))
+    return get_method("ZSCLIP").create(list(classnames), TINY)
 
 
 def test_zero_shot_logits_are_scaled_cosines():
@@ -36,9 +36,11 @@ def test_frozen_parts_stay_in_eval_mode():
     assert not any(m.training for m in method.clip.modules())
 
 
-def test_unknown_method_and_missing_hparams():
+def test_unknown_method_and_untyped_settings():
     import pytest
     with pytest.raises(KeyError, match="unknown method"):
         get_method("NoSuchMethod")
-    with pytest.raises(KeyError, match="missing hyperparameters"):
-        get_method("ZSCLIP")(["a"], {"clip_model": "tiny-vit"})
+    with pytest.raises(TypeError, match="expected a ZeroShotCLIPConfig"):  # not a plain dict
+        get_method("ZSCLIP")({"clip_model": "tiny-vit"}, None)
+    with pytest.raises(ValueError, match="unknown hyperparameter clip_modl"):
+        get_method("ZSCLIP").create(["a"], {"clip_modl": "tiny-vit"})

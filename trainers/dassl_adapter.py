@@ -2,80 +2,69 @@
 
 Config, merged in this order (yacs; printed at start by Dassl):
 1. Dassl's and CoOp's defaults, plus the harness's nodes: `CLIP.MODEL` / `CLIP.PRETRAINED`
-   (the backbone every harness trainer uses) and `TRAINER.<NAME>` for every method, one
-   upper-case key per declared hyperparameter with its declared default;
-2. `trainers/configs/methods/<Name>.yaml`, only for a method whose Dassl defaults differ
-   from its declared ones (e.g. CLIPood's BMA beta for CoOp tasks);
-3. `--dataset-config-file`, `--config-file` (a backbone: trainers/configs/backbones/), opts.
+   (the backbone every harness trainer uses), `TRAINER.<NAME>` for every method, one
+   upper-case key per declared hyperparameter with its declared default, overridden by
+   the recipe book's Dassl values (recipes/recipes.yaml: e.g. CLIPood's BMA beta for CoOp
+   tasks), and `HARNESS.PROTOCOL` / `HARNESS.STAGE` (what the run's record says it is:
+   "dassl" / "test" for a plain run; sweeps/coop_protocols.py sets them);
+2. `--dataset-config-file`, `--config-file` (a backbone: trainers/configs/backbones/), opts.
 `TRAINER.<NAME>.CLIP_MODEL` / `CLIP_PRETRAINED` are empty (null) unless set: then the
-method uses `CLIP.MODEL` / `CLIP.PRETRAINED`.
+method uses `CLIP.MODEL` / `CLIP.PRETRAINED`. The method's config is built from
+`TRAINER.<NAME>` by algorithms/core/config.py `build_config`; its JobContext from the
+run (class names, epochs x batches, DATALOADER.TRAIN_X.BATCH_SIZE images per step).
 Outputs: besides the `* accuracy: X%` lines CoOp's parse_test_res.py reads, every
-test writes `<OUTPUT_DIR>/results.json`.
+test writes `<OUTPUT_DIR>/results.json` with the run's facts (common/run_facts.py).
 """
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import sys
 
 import torch
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from yacs.config import CfgNode as CN
 
+import recipes
 from algorithms import backbone
 from algorithms.core import nonfinite, registry, selection
-from common import cli
+from algorithms.core.config import as_dict, build_config
+from algorithms.core.context import JobContext
+from algorithms.core.method import NonFiniteLoss
 from common.files import write_json_atomic
-from common.paths import TRAINER_CONFIGS
+from common.run_facts import run_facts
 
 COOP_TEMPLATES = "coop"  # Dassl default: CoOp's per-dataset template (trainers/zsclip.py)
-FROM_DASSL = ("batch_size", "total_steps")  # set by Dassl's own config, not TRAINER.<NAME>
 FROM_BACKBONE = {"clip_model": "MODEL", "clip_pretrained": "PRETRAINED"}  # cfg.CLIP.<KEY>
-METHOD_CONFIGS = TRAINER_CONFIGS / "methods"
+DEFAULT_PROTOCOL, DEFAULT_STAGE = "dassl", "test"
 
 
 def add_method_configs(cfg) -> None:
-    """Declare cfg.CLIP and cfg.TRAINER.<NAME> for every harness method (before any
-    YAML merge), with the method's own Dassl defaults where it has a file for them."""
+    """Declare cfg.CLIP, cfg.HARNESS and cfg.TRAINER.<NAME> for every harness method
+    (before any YAML merge), with the recipe book's Dassl values as defaults."""
     cfg.CLIP = CN({"MODEL": backbone.DEFAULT_MODEL, "PRETRAINED": backbone.DEFAULT_PRETRAINED})
+    cfg.HARNESS = CN({"PROTOCOL": DEFAULT_PROTOCOL, "STAGE": DEFAULT_STAGE})
     for name, method_cls in registry.methods().items():
+        book = recipes.method_values(name, "dassl")
         node = CN()
         for key, hp in method_cls.hparams().items():
-            if key in FROM_BACKBONE:
-                node[key.upper()] = None
-            elif key not in FROM_DASSL:
-                node[key.upper()] = hp.default
-        if "TEMPLATES" in node:
+            node[key.upper()] = None if key in FROM_BACKBONE else book.get(key, hp.default)
+        if "TEMPLATES" in node and "templates" not in book:
             node.TEMPLATES = COOP_TEMPLATES
         cfg.TRAINER[name.upper()] = node
-        own = METHOD_CONFIGS / f"{name}.yaml"
-        if own.is_file():
-            merge_method_defaults(cfg, name, own)
 
 
-def merge_method_defaults(cfg, name: str, path) -> None:
-    content = cli.read_yaml_mapping(path, f"{name}'s Dassl defaults")
-    allowed = {"TRAINER": {name.upper()}}
-    if set(content) - set(allowed) or set(content.get("TRAINER", {})) - allowed["TRAINER"]:
-        raise ValueError(f"{path}: a method's file may only set TRAINER.{name.upper()}.*")
-    cfg.TRAINER[name.upper()].merge_from_other_cfg(CN(content["TRAINER"][name.upper()]))
-
-
-def method_hparams(cfg, method_cls, total_steps: int = 1) -> dict:
+def method_config(cfg, method_cls):
+    """The method's typed config from TRAINER.<NAME> (and CLIP.* for the backbone)."""
     node = cfg.TRAINER[method_cls.name.upper()]
-    derived = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "total_steps": total_steps}
-    hparams = {}
+    values = {}
     for key in method_cls.hparams():
-        if key in FROM_DASSL:
-            hparams[key] = derived[key]
-        elif key in FROM_BACKBONE and node[key.upper()] is None:
-            hparams[key] = cfg.CLIP[FROM_BACKBONE[key]]
+        if key in FROM_BACKBONE and node[key.upper()] is None:
+            values[key] = cfg.CLIP[FROM_BACKBONE[key]]
         else:
-            hparams[key] = node[key.upper()]
-    if hparams.get("templates") == COOP_TEMPLATES:
-        hparams["templates"] = coop_template(cfg.DATASET.NAME)
-    return hparams
+            values[key] = node[key.upper()]
+    if values.get("templates") == COOP_TEMPLATES:
+        values["templates"] = coop_template(cfg.DATASET.NAME)
+    return build_config(method_cls, values, f"TRAINER.{method_cls.name.upper()}")
 
 
 def prompt_classnames(classnames) -> list:
@@ -85,15 +74,19 @@ def prompt_classnames(classnames) -> list:
 
 
 def coop_template(dataset_name: str) -> str:
-    coop_zsclip = sys.modules.get("trainers.zsclip") or sys.modules.get("coop.trainers.zsclip")
-    templates = getattr(coop_zsclip, "CUSTOM_TEMPLATES", {})
-    return templates.get(dataset_name, "photo")
+    """CoOp's per-dataset template (its trainers/zsclip.py CUSTOM_TEMPLATES), where CoOp's
+    trainers are importable (trainers/upstream_patches.open_upstream), else 'photo'."""
+    try:
+        from trainers import zsclip  # CoOp's
+    except ImportError:
+        return "photo"
+    return getattr(zsclip, "CUSTOM_TEMPLATES", {}).get(dataset_name, "photo")
 
 
 def test_and_write_record(trainer, run_test, split=None, selection=None):
     """Run Dassl's test and write `<OUTPUT_DIR>/results.json` with the evaluator's
     metrics (a file with a schema, not a log line to scrape). Used for every trainer,
-    CoOp's own included (trainers/coop_runner.py)."""
+    CoOp's own included (trainers/upstream_patches.py)."""
     metrics, evaluate = {}, trainer.evaluator.evaluate
 
     def evaluate_and_keep():
@@ -109,20 +102,37 @@ def test_and_write_record(trainer, run_test, split=None, selection=None):
     cfg = trainer.cfg
     # Dassl's test falls back to the test split when there is no val loader
     val = (split or cfg.TEST.SPLIT) == "val" and trainer.val_loader is not None
+    model = getattr(trainer, "model", None)
+    method_cfg = getattr(model, "cfg", None)
+    backbone_name = method_cfg.clip_model if method_cfg is not None else cfg.MODEL.BACKBONE.NAME
+    precision = run_precision(trainer)
+    harness = cfg.get("HARNESS") or CN({"PROTOCOL": DEFAULT_PROTOCOL, "STAGE": DEFAULT_STAGE})
     record = {
         "kind": "dassl", "trainer": cfg.TRAINER.NAME, "dataset": cfg.DATASET.NAME,
         "subsample_classes": cfg.DATASET.SUBSAMPLE_CLASSES,
         "num_shots": cfg.DATASET.NUM_SHOTS, "seed": cfg.SEED,
         "split": "val" if val else "test", "num_classes": trainer.num_classes,
-        "backbone": getattr(getattr(trainer, "model", None), "hp", {}).get(
-            "clip_model", cfg.MODEL.BACKBONE.NAME),
+        "backbone": backbone_name,
         "metrics": {k: float(v) for k, v in metrics.items()},
-        "precision": run_precision(trainer),
+        "precision": precision,
+        "run": run_facts(
+            protocol=harness.PROTOCOL, stage=harness.STAGE, method=cfg.TRAINER.NAME,
+            config=as_dict(method_cfg) if method_cfg is not None else _trainer_node(cfg),
+            precision=precision, backbone=backbone_name,
+            weights_digest=getattr(model, "weights_digest", None), dataset=cfg.DATASET.NAME,
+            seeds={"seed": cfg.SEED}, steps=getattr(trainer, "clipbench_steps", None)),
     }
     if selection:
         record["selection"] = selection
     write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), record)
     return first
+
+
+def _trainer_node(cfg) -> dict:
+    """An upstream trainer's TRAINER.<NAME> node, as plain JSON values."""
+    node = cfg.TRAINER.get(str(cfg.TRAINER.NAME).upper())
+    return {k: v for k, v in (node or {}).items()
+            if isinstance(v, (str, int, float, bool, type(None)))}
 
 
 def run_precision(trainer):
@@ -139,16 +149,15 @@ class CLIPMethodTrainer(TrainerX):
     method_cls = None
 
     def check_cfg(self, cfg):
-        model = method_hparams(cfg, self.method_cls)["clip_model"]
+        model = method_config(cfg, self.method_cls).clip_model
         size = backbone.image_size_of(model)
         if tuple(cfg.INPUT.SIZE) != (size, size):
             raise ValueError(f"INPUT.SIZE {tuple(cfg.INPUT.SIZE)} does not match "
                              f"{model}'s image size {size}")
 
     def build_model(self):
-        total_steps = max(1, self.max_epoch * len(self.train_loader_x))
-        hparams = method_hparams(self.cfg, self.method_cls, total_steps)
-        print(f"Building {self.method_cls.name} with {hparams}")
+        cfg = method_config(self.cfg, self.method_cls)
+        print(f"Building {self.method_cls.name} with {cfg}")
         classnames, data = self.dm.dataset.classnames, self.dm.dataset
         trained = {item.label for item in data.train_x}
         labels = trained.union(range(self.num_classes),
@@ -158,11 +167,17 @@ class CLIPMethodTrainer(TrainerX):
             raise ValueError(f"{self.cfg.DATASET.NAME}: {len(classnames)} class names for "
                              f"{len(labels)} classes: label(s) {sorted(labels - trained)[:10]} "
                              f"have no training image (an empty class)")
-        self.model = self.method_cls(prompt_classnames(classnames), hparams, device=self.device)
+        self.clipbench_steps = max(1, self.max_epoch * len(self.train_loader_x))
+        context = JobContext.build(cfg, prompt_classnames(classnames),
+                                   total_steps=self.clipbench_steps,
+                                   images_per_step=self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE,
+                                   device=self.device, where=self.method_cls.name)
+        self.model = self.method_cls(cfg, context)
         self.model.to(self.device)
         if self.method_cls.trains:
-            # the method steps its own optimizer and per-step schedule
-            self.register_model("model", self.model, self.model.optimizer, None)
+            # Dassl checkpoints the method's training state (optimiser, schedule, scaler)
+            # beside its weights; the method steps its schedule itself
+            self.register_model("model", self.model, self.model.training_state, None)
         else:
             self.max_epoch = 0  # nothing to train: train() goes straight to the test
 
@@ -170,11 +185,10 @@ class CLIPMethodTrainer(TrainerX):
         images, labels = self.parse_batch_train(batch)
         try:
             summary = self.model.update(images, labels)
-        except FloatingPointError:  # a non-finite loss: one line, no checkpoint, no results.json
+        except NonFiniteLoss as e:  # one line, no checkpoint, no results.json
             step = self.epoch * self.num_batches + self.batch_idx
-            raise nonfinite.stopped(self.model, images, labels,
-                                    f"epoch {self.epoch + 1}, batch {self.batch_idx + 1} "
-                                    f"(step {step})") from None
+            raise nonfinite.stopped(e, f"epoch {self.epoch + 1}, batch {self.batch_idx + 1} "
+                                       f"(step {step})") from None
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary
@@ -259,87 +273,6 @@ class CLIPMethodTrainer(TrainerX):
                                    batch_size=self.cfg.DATALOADER.TEST.BATCH_SIZE,
                                    tfm=self.test_loader.dataset.transform, is_train=False)
         return loader, "train_as_val"
-
-
-def name_unreadable_files() -> None:
-    """Dassl reads images, and CoOp its split files, with dassl.utils' read_image and
-    read_json, config files with yacs' merge_from_file, whose errors may not name the
-    file (PIL: 'image file is truncated'; json: 'Expecting value: line 1 column 1'; YAML:
-    '<unicode string>'): the same reads, with errors that do."""
-    import dassl.utils
-    from dassl.data import data_manager
-    if getattr(data_manager.read_image, "_clipbench", False):
-        return
-    upstream_image, upstream_json = data_manager.read_image, dassl.utils.read_json
-
-    def read_image(path):
-        try:
-            return upstream_image(path)
-        except (OSError, ValueError) as e:
-            raise OSError(f"cannot read image {path}: {cli.image_problem(path, e)}") from None
-
-    def read_json(path):
-        try:
-            return upstream_json(path)
-        except ValueError as e:
-            raise ValueError(f"{path}: malformed JSON ({e})") from None
-
-    upstream_merge = CN.merge_from_file
-
-    def merge_from_file(self, cfg_filename):
-        """yacs' merge, naming the file (PyYAML says '<unicode string>', yacs no file)."""
-        import yaml
-        try:
-            return upstream_merge(self, cfg_filename)
-        except yaml.YAMLError as e:
-            raise cli.InputError(f"{cfg_filename}: malformed YAML ({cli.yaml_problem(e)})") from None
-        except (KeyError, ValueError) as e:  # yacs: 'Non-existent config key: X', 'Type mismatch'
-            message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-            raise type(e)(f"{cfg_filename}: {message}") from None
-
-    read_image._clipbench = read_json._clipbench = True
-    data_manager.read_image = read_image
-    dassl.utils.read_json = dassl.utils.tools.read_json = read_json
-    CN.merge_from_file = merge_from_file
-
-
-class _DatumUnpickler(pickle.Unpickler):
-    """Rebuilds lists of Dassl Datum (what CoOp's cache files hold) and nothing else."""
-    ALLOWED = {("dassl.data.datasets.base_dataset", "Datum"), ("copyreg", "__newobj__"),
-               ("copyreg", "_reconstructor"), ("builtins", "object")}
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"{getattr(self, 'path', 'a CoOp cache file')}: refused: it holds pickled code or "
-            f"objects other than Dassl's Datum (GLOBAL {module}.{name}); CoOp's few-shot and "
-            f"preprocessed caches are read with an unpickler that never runs it (delete the "
-            f"file to have it rebuilt)")
-
-
-def _load_datums(file):
-    unpickler = _DatumUnpickler(file)
-    unpickler.path = getattr(file, "name", "a CoOp cache file")
-    return unpickler.load()
-
-
-def refuse_pickled_code_in_coop_caches() -> None:
-    """CoOp's datasets read their few-shot splits (split_fewshot/shot_N-seed_S.pkl) and
-    ImageNet's preprocessed.pkl with pickle.load, which runs any code such a file carries:
-    in each of CoOp's dataset modules `pickle.load` only rebuilds Datum lists. Call after
-    CoOp's `datasets` package is first on sys.path (coop_runner.prepare)."""
-    import importlib
-    import pkgutil
-    import types
-
-    import datasets  # CoOp's
-    safe = types.SimpleNamespace(load=_load_datums, dump=pickle.dump,
-                                 HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL)
-    for info in pkgutil.iter_modules(datasets.__path__):
-        module = importlib.import_module(f"datasets.{info.name}")
-        if getattr(module, "pickle", None) is pickle:
-            module.pickle = safe
 
 
 def register_trainers() -> None:

@@ -1,7 +1,8 @@
 """Hyperparameters declared once (default + random-search distribution), used by both
 the DomainBed registry and the Dassl config tree.
 
-A method declares them in its `hparams(dataset)`: name -> HParam(default, sample).
+A method declares them in its `hparams()`: name -> HParam(default, sample); its typed
+config is generated from them (algorithms/core/config.py).
 The helpers below (`fixed`, `log_uniform`, `uniform`, `choice`) make samplers that also
 declare their range (`HParam.in_range`), which tests/test_properties.py checks every
 draw against; a hand-written `sample` declares none. `check_overrides` is the one check
@@ -19,6 +20,11 @@ import numpy as np
 class HParam:
     default: Any
     sample: Callable[[np.random.RandomState], Any]  # must return a JSON-serialisable value
+
+    @property
+    def fixed(self) -> bool:
+        """Not searched: every draw is the default."""
+        return isinstance(self.sample, _Fixed)
 
     def in_range(self, value) -> Optional[bool]:
         """Whether `value` is a draw the sampler declares; None when it declares no range."""

@@ -1,39 +1,49 @@
 """The method contract: what every method is, and what it declares so that the
 DomainBed adapter, the Dassl adapter and the demo need no list of methods.
 
-    method = Method(classnames, hparams)    # hparams: plain dict, keys as declared
+    cfg = build_config(Method, values)                 # typed, frozen (algorithms/core/config.py)
+    context = JobContext.build(cfg, class_names, ...)  # the job's facts (algorithms/core/context.py)
+    method = Method(cfg, context)                      # or Method.create(class_names, values, ...)
     method.update(images, labels) -> dict   # one optimisation step; {} if nothing trains
     method.predict(images) -> logits [B, C]
     method.encode_image(images) -> [B, D]   # normalised features it predicts with
 
 Declared on the class (read without building the method):
 - `name`: the DomainBed algorithm, Dassl trainer and table name;
-- `hparams(dataset)`: every hyperparameter, its default and random-search distribution;
+- `hparams()`: every hyperparameter, its default and random-search distribution; the
+  method reads them as `self.cfg.<name>`. Per-dataset and per-protocol values are not
+  here but in the recipe book (recipes/recipes.yaml);
 - `trains`: whether `update` takes optimisation steps (False: training-free, one
   evaluation is enough);
 - `selects_on`: None, "validation" or "test" -- the held-out data `select()` may see
-  (algorithms/core/selection.py); `oracle` is True when that is the test data;
-- `tiny_hparams`: what the embedded default changes for its tiny CLIP (a few dozen
-  steps on 64 px images), on top of the declared defaults.
+  (algorithms/core/selection.py); `oracle` is True when that is the test data.
 
-Open-world protocols (domain + class shift) train on the first `train_classes` classes
-only (hparams["train_classes"], set by the dataset; default all): a method's training
-loss uses `train_class_embeddings`, its predictions every class.
+The training contract (methods that declare `trains`): a method declares its loss,
+`loss(images, labels) -> (loss, {term: value})`, and what trains,
+`trainable_parameters()`; it may change `make_optimizer(params)` (default AdamW with
+`cfg.lr`, `cfg.weight_decay`) and `after_step()` (e.g. a moving average). The base class
+owns the rest: the optimiser and the cosine schedule over `context.total_steps`
+(`training_state`, one state_dict for checkpoints), precision and gradient scaling, the
+step and the non-finite check (`NonFiniteLoss`, naming the terms that are not finite;
+no weight changes on such a step).
+
+Open-world protocols (domain + class shift) train on the first `context.train_classes`
+classes only: a method's training loss uses `train_class_embeddings`, its predictions
+every class.
 
 Frozen sub-modules (named in `frozen_modules`) stay in eval mode whatever `train()` is
 asked, and are left out of `state_dict()`: a checkpoint holds only what was trained,
 the frozen rest is rebuilt from `clip_model`/`clip_pretrained`.
 
-Precision (hyperparameter `precision`: auto | bf16 | fp16 | fp32; `choose_precision`):
+Precision (hyperparameter `precision`: auto | bf16 | fp16 | fp32, resolved for the
+job's device in `context.precision` by algorithms/core/precision.py `choose_precision`):
 every image-encoder forward of a training step or an evaluation goes through
-`run_encoder`, which runs it under torch.autocast at the method's precision and hands
-back float32 tensors; everything after the encoder (heads, losses: margin/CE, semantic
-label smoothing, attention alignment; CALIP's scores) runs outside autocast, in fp32.
-"auto" is bf16 on a CUDA device with native bf16, fp16 on one without (then `step`
-scales the loss with torch.amp.GradScaler), fp32 on the CPU. fp32 runs no autocast and
-no scaler: the numbers are those of the harness before precision existed. The text
-classifier is computed once, in fp32. `self.precision` holds the resolved name; the
-adapters record it.
+`run_encoder`, which runs it under torch.autocast at the method's precision and hands back float32 tensors; everything
+after the encoder (heads, losses: margin/CE, semantic label smoothing, attention
+alignment; CALIP's scores) runs outside autocast, in fp32. "auto" is bf16 on a CUDA
+device with native bf16, fp16 on one without (then the step scales the loss with
+torch.amp.GradScaler), fp32 on the CPU. fp32 runs no autocast and no scaler. The text
+classifier is computed once, in fp32. `self.precision` holds the resolved name.
 
 Cached evaluation features: a method whose evaluation encoder is frozen
 (`cache_features`: ZSCLIP, CLIPLP) takes `eval_features(images)` from the shared feature
@@ -43,16 +53,20 @@ Each method's formulas, defaults and deviations: docs/methods/<name>.md.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Dict, Optional, Sequence
+import math
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from algorithms import backbone
 from algorithms.core import selection
+from algorithms.core.config import build_config, config_class
+from algorithms.core.context import JobContext
+from algorithms.core.precision import as_fp32, autocast, scales_gradients
 from algorithms.core.feature_cache import FeatureCache, batch_digest, tensors_fingerprint
-from algorithms.core.hparams import PRECISIONS, HParams, fixed, precision
+from algorithms.core.hparams import HParams, fixed, precision
+from common.run_facts import file_digest
 
 
 def clip_hparams() -> HParams:
@@ -64,77 +78,67 @@ def clip_hparams() -> HParams:
     }
 
 
-# hyperparameters declared after records were first saved: absent = this default
-LATER_HPARAMS = {"precision": "auto"}
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# --- precision ------------------------------------------------------------------------
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def choose_precision(requested: Optional[str], device) -> str:
-    """The precision a method runs at on `device`: bf16 | fp16 | fp32.
-    "auto" (or None): bf16 on a CUDA device with native bf16 (Ampere and later), fp16 on
-    a CUDA device without it (with gradient scaling, see `scales_gradients`), fp32 on
-    any other device. An explicit bf16 on a CUDA device without native bf16 is an error."""
-    requested = str(requested or "auto").lower()
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision {requested!r} not in {PRECISIONS}")
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "fp32" if requested == "auto" else requested
-    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    if requested == "auto":
-        return "bf16" if native_bf16 else "fp16"
-    if requested == "bf16" and not native_bf16:
-        raise ValueError("precision bf16: this CUDA device has no native bf16; "
-                         "use fp16 or auto")
-    return requested
-
-
-def scales_gradients(precision_name: str) -> bool:
-    """fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range."""
-    return precision_name == "fp16"
-
-
-def autocast(precision_name: str, device_type: str):
-    """torch.autocast at `precision_name`; fp32: autocast off (also inside an outer one)."""
-    if precision_name == "fp32":
-        return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=AUTOCAST_DTYPES[precision_name])
-
-
-def as_fp32(value):
-    """bf16/fp16 tensors in `value` (a tensor, tuple, list, dict or dataclass of them) as
-    float32; float32 tensors are returned as they are (no copy)."""
-    if torch.is_tensor(value):
-        return value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(as_fp32(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(as_fp32(v) for v in value)
-    if isinstance(value, dict):
-        return {k: as_fp32(v) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: as_fp32(getattr(value, f.name))
-                                             for f in dataclasses.fields(value) if f.init})
-    return value
-
 
 FEATURES_CACHE_KIND = "image_features"
 FEATURES_CACHE_FORMAT = "image-features-v1"
+
+
+def starting_weights_digest(pretrained: str, clip: nn.Module) -> str:
+    """What the run's records name as its starting weights: the sha256 of the weights
+    file, else a digest of the loaded CLIP's tensors (a pretrained tag, random weights)."""
+    digest = file_digest(pretrained) if pretrained else None
+    return digest or f"tensors:{tensors_fingerprint(clip.state_dict().items())}"
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A training step refused because its loss is not finite; `terms` names the loss
+    terms that are not finite (else the total, "loss")."""
+
+    def __init__(self, method_name: str, terms: Dict[str, float]):
+        self.method_name, self.terms = method_name, dict(terms)
+        named = ", ".join(f"{k} = {v}" for k, v in self.terms.items())
+        super().__init__(f"{method_name}: non-finite loss: {named}")
+
+
+def nonfinite_terms(summary: Dict[str, float], total: float) -> Dict[str, float]:
+    """The terms of a step's summary that are not finite; the total when all are."""
+    bad = {k: float(v) for k, v in summary.items() if k != "loss" and not math.isfinite(v)}
+    return bad or {"loss": float(total)}
+
+
+class TrainingState:
+    """A training method's optimiser, per-step schedule and gradient scaler, saved and
+    restored as one state_dict (what a checkpoint holds besides the weights).
+    `param_groups` is the optimiser's, read-only, for loggers."""
+
+    def __init__(self, optimizer, scheduler, grad_scaler=None):
+        self.optimizer, self.scheduler, self.grad_scaler = optimizer, scheduler, grad_scaler
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "optimizer" not in state:  # a checkpoint that holds the optimiser's state only
+            self.optimizer.load_state_dict(state)
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
 
 
 class CLIPMethod(nn.Module):
     name = "?"
     trains: bool = False
     selects_on: Optional[str] = None  # None | "validation" | "test"
-    tiny_hparams: Dict[str, object] = {}
     frozen_modules: Sequence[str] = ("clip",)
     cache_features: bool = False  # eval_features from the feature cache (frozen encoder)
 
@@ -144,34 +148,44 @@ class CLIPMethod(nn.Module):
         cls.oracle = cls.selects_on == selection.TEST
 
     @staticmethod
-    def hparams(dataset: str | None = None) -> HParams:
+    def hparams() -> HParams:
         return clip_hparams()
 
     @classmethod
-    def default_hparams(cls, dataset: str | None = None) -> dict:
-        return {k: h.default for k, h in cls.hparams(dataset).items()}
+    def default_hparams(cls) -> dict:
+        return {k: h.default for k, h in cls.hparams().items()}
 
-    def __init__(self, classnames: Sequence[str], hparams: dict, device=None):
+    @classmethod
+    def create(cls, class_names: Sequence[str], values: Optional[dict] = None, *,
+               device=None, total_steps: Optional[int] = None,
+               train_classes: Optional[int] = None, images_per_step: Optional[int] = None):
+        """Build the method from hyperparameter values (checked, the rest declared
+        defaults) and the job's facts: what code outside the adapters calls."""
+        cfg = build_config(cls, values)
+        return cls(cfg, JobContext.build(cfg, class_names, train_classes=train_classes,
+                                         total_steps=total_steps,
+                                         images_per_step=images_per_step, device=device,
+                                         where=cls.name))
+
+    def __init__(self, cfg, context: JobContext):
         super().__init__()
-        hparams = {**LATER_HPARAMS, **hparams}
-        missing = sorted(set(self.hparams()) - set(hparams))
-        if missing:
-            raise KeyError(f"{self.name}: missing hyperparameters {missing}")
-        self.classnames = list(classnames)
-        self.hp = dict(hparams)
-        self.train_classes = int(hparams.get("train_classes") or len(self.classnames))
-        if not 0 < self.train_classes <= len(self.classnames):
-            raise ValueError(f"{self.name}: train_classes={self.train_classes} for "
-                             f"{len(self.classnames)} classes")
-        device = device or default_device()
-        self.precision = choose_precision(hparams.get("precision"), device)
+        if not isinstance(cfg, config_class(type(self))):
+            raise TypeError(f"{self.name}: expected a {config_class(type(self)).__name__} "
+                            f"(algorithms/core/config.py build_config), got {type(cfg).__name__}")
+        self.cfg, self.context = cfg, context
+        self.classnames = list(context.class_names)
+        self.train_classes = context.train_classes
+        self.precision = context.precision
+        device = context.device
         self._grad_scaler: Optional[torch.amp.GradScaler] = None
+        self._training: Optional[TrainingState] = None
         self._features_fingerprint = (None, None)  # (parameter versions, digest)
-        self.clip, self.tokenizer = backbone.load_clip(
-            hparams["clip_model"], hparams["clip_pretrained"], device=device)
+        self.clip, self.tokenizer = backbone.load_clip(cfg.clip_model, cfg.clip_pretrained,
+                                                       device=device)
         self.clip.requires_grad_(False)
+        self.weights_digest = starting_weights_digest(cfg.clip_pretrained, self.clip)
         self.register_buffer("class_embeddings", backbone.text_classifier(
-            self.clip, self.tokenizer, self.classnames, hparams["templates"], device),
+            self.clip, self.tokenizer, self.classnames, cfg.templates, device),
             persistent=False)
         self._register_state_dict_hook(_drop_frozen_keys)
         self._register_load_state_dict_pre_hook(_keep_frozen_weights, with_module=True)
@@ -220,30 +234,68 @@ class CLIPMethod(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.run_encoder(self.clip.encode_image, images), dim=-1)
 
-    def update(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-        raise NotImplementedError
-
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * self.eval_features(images) @ self.class_embeddings.T
 
-    def step(self, loss: torch.Tensor) -> float:
-        """One optimisation step of the method's own optimizer and per-step schedule
-        (the loss scaled for fp16); a non-finite loss is an error that names the method
-        and the step."""
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.name}: non-finite loss {loss.item()} at step "
-                                     f"{self.scheduler.last_epoch}")
-        self.optimizer.zero_grad(set_to_none=True)
-        scaler = self.grad_scaler
+    # -- the training contract -----------------------------------------------------------
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor):
+        """(loss, {term: value}) of one training batch (training methods)."""
+        raise NotImplementedError(f"{self.name} declares `trains` but no loss")
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """What the optimiser steps (training methods)."""
+        raise NotImplementedError(f"{self.name} declares `trains` but no trainable parameters")
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def after_step(self) -> Dict[str, float]:
+        """Called after every optimisation step; what it returns joins the step's summary."""
+        return {}
+
+    @property
+    def training_state(self) -> TrainingState:
+        """The optimiser over `trainable_parameters()` and its cosine schedule over the
+        job's steps (made on first use), with the gradient scaler when fp16 needs one."""
+        if self._training is None:
+            optimizer = self.make_optimizer(list(self.trainable_parameters()))
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(1, int(self.context.total_steps)))
+            self._training = TrainingState(optimizer, scheduler, self.grad_scaler)
+        return self._training
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+        """One training step: the loss (the encoder at the method's precision, the rest
+        in fp32), then `step`; {} for a training-free method."""
+        if not self.trains:
+            return {}
+        with self.fp32():  # the encoder runs at self.precision inside (run_encoder)
+            loss, summary = self.loss(images, labels)
+        summary = dict(summary)
+        summary["loss"] = self.step(loss, summary)
+        summary.update(self.after_step())
+        return summary
+
+    def step(self, loss: torch.Tensor, summary: Optional[Dict[str, float]] = None) -> float:
+        """One optimisation step of the method's optimiser and per-step schedule (the loss
+        scaled for fp16). A non-finite loss raises NonFiniteLoss before any weight
+        changes, naming the terms of `summary` that are not finite."""
+        total = loss.item()
+        if not math.isfinite(total):
+            raise NonFiniteLoss(self.name, nonfinite_terms(summary or {}, total))
+        state = self.training_state
+        state.optimizer.zero_grad(set_to_none=True)
+        scaler = state.grad_scaler
         if scaler is None:
             loss.backward()
-            self.optimizer.step()
+            state.optimizer.step()
         else:  # skips the update when the scaled gradients overflowed, then lowers the scale
             scaler.scale(loss).backward()
-            scaler.step(self.optimizer)
+            scaler.step(state.optimizer)
             scaler.update()
-        self.scheduler.step()
-        return loss.item()
+        state.scheduler.step()
+        return total
 
     # -- cached evaluation features ------------------------------------------------------
 
@@ -264,12 +316,17 @@ class CLIPMethod(nn.Module):
         pixel values, i.e. dataset, split, images and transform at once, and never stale:
         a randomly augmented batch simply misses), the encoder (model name and a digest of
         the image tower's weights), the precision and device type (their rounding), and
-        which encode_image computes them (ZSCLIP and CLIPLP share entries)."""
+        which encode_image computes them (ZSCLIP and CLIPLP share entries). `data` names
+        the entry's file (FeatureCache.path: `<dataset>_<split>_<digest>.pt`): an
+        evaluation batch has no dataset or split of its own, so its `split` slot holds the
+        precision, a label of the file name only (the key's `precision` field is what
+        tells entries apart; the slot stays, since changing it would rename every entry)."""
         encoder = type(self).encode_image
-        return {"format": FEATURES_CACHE_FORMAT, "clip_model": self.hp["clip_model"],
+        return {"format": FEATURES_CACHE_FORMAT, "clip_model": self.cfg.clip_model,
                 "weights": self.encoder_fingerprint(), "precision": self.precision,
                 "device": images.device.type,
                 "encode_image": f"{encoder.__module__}.{encoder.__qualname__}",
+                # file-name label only: "split" holds the precision (see the docstring)
                 "data": {"dataset": "batch", "split": self.precision,
                          "images": batch_digest(images)}}
 

@@ -1,6 +1,7 @@
-"""Methods are discovered, not listed: every module directly in `algorithms/` is
-imported once and each class decorated with `@register_method` there is a method,
-under its `name`. Adding a method is adding one such file."""
+"""Methods are discovered, not listed: every module and sub-package directly in
+`algorithms/` (but `core` and `backbone`, the machinery) is imported once and each class
+decorated with `@register_method` there is a method, under its `name`. Adding a method
+is adding one such file (or one package whose `__init__` imports its method)."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +10,7 @@ from typing import Dict
 
 _METHODS: Dict[str, type] = {}
 _discovered = False
+MACHINERY = ("core", "backbone")  # sub-packages that hold no method
 
 
 def register_method(cls):
@@ -19,13 +21,13 @@ def register_method(cls):
 
 
 def discover() -> None:
-    """Import every module of the `algorithms` package (not its sub-packages)."""
+    """Import every module and method package of the `algorithms` package."""
     global _discovered
     if _discovered:
         return
     import algorithms
     for info in pkgutil.iter_modules(algorithms.__path__):
-        if not info.ispkg:
+        if info.name not in MACHINERY:
             importlib.import_module(f"algorithms.{info.name}")
     _discovered = True
 

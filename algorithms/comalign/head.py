@@ -1,5 +1,5 @@
 """ComAlign's network, similarities, fusions and training loss (user documentation:
-docs/methods/comalign.md; the method: algorithms/comalign.py).
+docs/methods/comalign.md; the method: algorithms/comalign/method.py).
 
 Notation. An image i has entity components I^e_i [n, D] (n = 10 slots), relation
 components I^r_i [m, D] (m = 10 slots), each with a validity mask (padding), and a
@@ -57,8 +57,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.retrieval import RecallCounter
+
 HEAD_FORMAT = "comalign-head-v1"
 EPS = 1e-8
+NUM_ENTITIES = 10   # entity slots per image / caption
+NUM_RELATIONS = 10  # relation slots
 
 
 # --- head -----------------------------------------------------------------------------
@@ -82,8 +86,8 @@ class SinusoidalPositions(nn.Module):
 @dataclass
 class HeadConfig:
     dim: int = 512
-    num_entities: int = 10
-    num_relations: int = 10
+    num_entities: int = NUM_ENTITIES
+    num_relations: int = NUM_RELATIONS
     heads: int = 4
     feedforward: int = 512
     layers: int = 2
@@ -129,7 +133,7 @@ class IdentityHead(nn.Module):
 
 
 def load_head_checkpoint(path, device="cpu") -> Tuple[nn.Module, nn.Module, dict]:
-    """(image head, text head, config) of a comalign_train checkpoint (weights_only)."""
+    """(image head, text head, config) of an algorithms.comalign.train checkpoint (weights_only)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ComAlign checkpoint not found: {path}")
     try:
@@ -429,18 +433,18 @@ def chunked_normalisers(images: Side, token, texts: Side, fusion, image_chunk=10
 @torch.no_grad()
 def chunked_retrieval(images: Side, token, texts: Side, text_to_image: torch.Tensor, fusion,
                       ks=(1, 5, 10), image_chunk=1000, text_chunk=1000) -> Dict[str, Dict[str, float]]:
-    """Recall@k (in %) both ways of the fused scores, never holding more than an
-    [I, text_chunk] score matrix and one [image_chunk, text_chunk, n, m] cross tensor.
-    images/texts normalised (and refined); token = refined global token."""
+    """Recall@k (in %) both ways of the fused scores (common/retrieval.py: the rule, ties
+    count against the query), never holding more than an [I, text_chunk] score matrix
+    and one [image_chunk, text_chunk, n, m] cross tensor. images/texts normalised (and
+    refined); token = refined global token; text_to_image[t] = caption t's image."""
     fusion = get_fusion(fusion)
     I, T = len(images), len(texts)
-    text_to_image = text_to_image.to(token.device)
+    caption_image = text_to_image.to(token.device)
     normalisers = (chunked_normalisers(images, token, texts, fusion, image_chunk, text_chunk)
                    if fusion.normalise else None)
-    K = max(ks)
-    top_vals = torch.full((I, K), -float("inf"), device=token.device)
-    top_idx = torch.full((I, K), -1, dtype=torch.long, device=token.device)
-    t2i_rank = torch.empty(T, dtype=torch.long, device=token.device)
+    image_to_text = RecallCounter(I, max(ks), token.device)
+    text_to_image = RecallCounter(T, max(ks), token.device)
+    image_ids = torch.arange(I, device=token.device)
     for t0 in range(0, T, text_chunk):
         tsl = slice(t0, min(T, t0 + text_chunk))
         cols_t2i, cols_i2t = [], []
@@ -450,21 +454,11 @@ def chunked_retrieval(images: Side, token, texts: Side, text_to_image: torch.Ten
             cols_t2i.append(fuse(sims, fusion, "t2i", normalisers))
             cols_i2t.append(fuse(sims, fusion, "i2t", normalisers))
         s_t2i, s_i2t = torch.cat(cols_t2i), torch.cat(cols_i2t)          # [I, tc]
-        gt = text_to_image[tsl]
-        gt_score = s_t2i.gather(0, gt[None])                              # [1, tc]
-        t2i_rank[tsl] = (s_t2i > gt_score).sum(0)
-        idx = torch.arange(t0, tsl.stop, device=token.device).expand(I, -1)
-        vals = torch.cat([top_vals, s_i2t], dim=1)
-        order = vals.topk(K, dim=1).indices
-        top_vals = vals.gather(1, order)
-        top_idx = torch.cat([top_idx, idx], dim=1).gather(1, order)
-    hit_image = text_to_image[top_idx.clamp(min=0)] == torch.arange(I, device=token.device)[:, None]
-    hit_image &= top_idx >= 0
-    out = {"image_to_text": {}, "text_to_image": {}}
-    for k in ks:
-        out["image_to_text"][f"R@{k}"] = 100.0 * float(hit_image[:, :k].any(1).float().mean())
-        out["text_to_image"][f"R@{k}"] = 100.0 * float((t2i_rank < k).float().mean())
-    return out
+        right = caption_image[tsl][None, :] == image_ids[:, None]        # [I, tc]
+        text_to_image.add(s_t2i.T, right.T, rows=tsl)
+        image_to_text.add(s_i2t, right)
+    return {"image_to_text": image_to_text.recalls(ks),
+            "text_to_image": text_to_image.recalls(ks)}
 
 
 @torch.no_grad()

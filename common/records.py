@@ -10,22 +10,21 @@ A damaged file is never read for part of its records: the caller leaves the whol
   record before the job's last step (records cut off at a line boundary).
 Blank lines carry nothing and are skipped.
 
-Used by the harness's collector (results/kind_domainbed.py, results/kind_dassl.py) and
-by DomainBed's own `collect_results` run through the harness
-(domainbed_adapter/patches.py), so both leave out the same jobs.
+Used by the harness's collector (results/kind_domainbed.py, results/kind_dassl.py), by
+DomainBed's own `collect_results` run through the harness (domainbed_adapter/patches.py)
+and by the domain-gap analysis (evaluation/domain_gap.py), so all leave out the same jobs.
+A low module: it imports nothing of the harness above common/.
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -198,59 +197,47 @@ def dataset_of(job) -> str:
 
 
 def last_step(record) -> Optional[int]:
-    """The last step of the job that wrote `record`: train.py's --steps, else the
-    dataset's N_STEPS, minus one; None when unknown."""
-    steps = record["args"].get("steps")
+    """The last step of the job that wrote `record`, from its fields: the run facts'
+    `steps` (the harness's algorithms, common/run_facts.py), else train.py's --steps,
+    else the dataset class's N_STEPS (upstream's algorithms; read from the imported
+    `domainbed.datasets`, which registers the harness's datasets too), minus one; None
+    when unknown."""
+    facts = record.get("hparams", {}).get("run") if isinstance(record.get("hparams"), dict) else None
+    steps = facts.get("steps") if isinstance(facts, dict) else None
+    if steps is None:
+        steps = record["args"].get("steps")
     if steps is None:
         steps = dataset_steps(record["args"]["dataset"])
     return steps - 1 if _integer(steps) and steps > 0 else None
 
 
 def dataset_steps(dataset: str) -> Optional[int]:
-    """N_STEPS of a DomainBed dataset class: from the loaded module when it is imported
-    (collect_results), else read from upstream's source without importing it."""
-    module = sys.modules.get("domainbed.datasets")
-    if module is not None and hasattr(getattr(module, dataset, None), "N_STEPS"):
-        return getattr(module, dataset).N_STEPS
-    return _upstream_n_steps().get(_upstream_class(dataset))
+    """N_STEPS of a DomainBed dataset class (None: no such class, or DomainBed missing)."""
+    datasets = upstream_datasets()
+    return getattr(getattr(datasets, dataset, None), "N_STEPS", None) if datasets else None
 
 
-def _upstream_class(dataset: str) -> str:
-    """The upstream class whose N_STEPS a harness dataset inherits."""
+def dataset_environments(dataset: str) -> Optional[list]:
+    """ENVIRONMENTS of a DomainBed dataset class, in env index order (None: unknown)."""
+    datasets = upstream_datasets()
+    names = getattr(getattr(datasets, dataset, None), "ENVIRONMENTS", None) if datasets else None
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+
+
+def upstream_datasets():
+    """The `domainbed.datasets` module (imported once: it loads torchvision), or None
+    when DomainBed is not importable. Only records without run facts need it."""
     try:
-        from clipworld import domainbed_dataset
-        from domainbed_adapter import open_world
+        import domainbed.datasets as datasets
     except ImportError:
-        return dataset
-    if dataset.endswith(open_world.SUFFIX) and dataset[:-len(open_world.SUFFIX)] in open_world.BASES:
-        dataset = dataset[:-len(open_world.SUFFIX)]
-    return "MultipleEnvironmentImageFolder" if dataset == domainbed_dataset.NAME else dataset
-
-
-@lru_cache(maxsize=None)
-def _upstream_n_steps() -> dict:
-    spec = importlib.util.find_spec("domainbed")
-    if not spec or not spec.submodule_search_locations:
-        return {}
-    source = Path(list(spec.submodule_search_locations)[0]) / "datasets.py"
-    bases, own = {}, {}
-    for node in ast.parse(source.read_text()).body:
-        if isinstance(node, ast.ClassDef):
-            bases[node.name] = [b.id for b in node.bases if isinstance(b, ast.Name)]
-            for stmt in node.body:
-                if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-                        and getattr(stmt.targets[0], "id", None) == "N_STEPS"
-                        and isinstance(stmt.value, ast.Constant)):
-                    own[node.name] = stmt.value.value
-
-    def resolve(name, seen=()):
-        if name in own:
-            return own[name]
-        for base in bases.get(name, []):
-            if base not in seen:
-                value = resolve(base, (*seen, name))
-                if value is not None:
-                    return value
         return None
+    return datasets
 
-    return {name: resolve(name) for name in bases}
+
+def in_domain_accuracy(record) -> Optional[float]:
+    """Mean accuracy on the training domains' held-out images (their `env<i>_out_acc`,
+    what training-domain validation selects on); None when the record has none."""
+    test_envs = set(record["args"]["test_envs"])
+    held_out = [v for k, v in record.items() if (m := ACCURACY.fullmatch(k))
+                and m.group(2) == "out" and int(m.group(1)) not in test_envs]
+    return float(np.mean(held_out)) if held_out else None

@@ -1,17 +1,17 @@
 """Train ComAlign's lightweight head on image-caption pairs (the harness's recipe: the
 reference releases no training code, loss or hyper-parameters).
 
-    python -m pretraining.comalign_train --train world:data/world,split=train \
+    python -m algorithms.comalign.train --train world:data/world,split=train \
         --clip-model tiny-vit --clip-pretrained data/clip_cache/...pt --out output/comalign/tiny
 
-Data: any pair set of pretraining/comalign_data.py (COCO train captions via `coco:`,
+Data: any pair set of algorithms/comalign/data.py (COCO train captions via `coco:`,
 CSV/TSV, webdataset shards, the generated pairs). Components (regions `--regions`,
 default `mask+grid`: annotation/mask boxes topped up with grid boxes; views `--mode`,
 default `mask`) are encoded once by the frozen CLIP and cached in HDF5; training then
 only runs the head. Each epoch visits every image once with one of its captions drawn
 at random (no two captions of one image in a batch: they would be false negatives).
 
-Loss (algorithms/comalign_head.py contrastive_loss): w_global CE(C) + w_entity CE(E) +
+Loss (algorithms/comalign/head.py contrastive_loss): w_global CE(C) + w_entity CE(E) +
 w_relation CE(R), symmetric InfoNCE at temperature tau; defaults 1, 1, 1, tau 0.07.
 Optimiser: AdamW (lr 1e-4, weight decay 0.01), cosine over all steps, batch 128,
 10 epochs; all options. Optional text-side head (`--text-head`).
@@ -34,16 +34,16 @@ from typing import Dict, Optional
 import torch
 from tqdm import tqdm
 
-from common import cli
-from algorithms.comalign_head import (HEAD_FORMAT, ComAlignHead, HeadConfig, IdentityHead,
+from algorithms.comalign.data import Encoder, PairSet, load_pairs
+from algorithms.comalign.head import (HEAD_FORMAT, ComAlignHead, HeadConfig, IdentityHead,
                                       LossWeights, Side, contrastive_loss, refine)
+from common import cli
 from common.files import atomic_path, write_json_atomic
-from pretraining.comalign_data import Encoder, PairSet, load_pairs
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", required=True, help="pair set SPEC (pretraining/comalign_data.py)")
+    ap.add_argument("--train", required=True, help="pair set SPEC (algorithms/comalign/data.py)")
     ap.add_argument("--clip-model", default="ViT-B-32")
     ap.add_argument("--clip-pretrained", default="openai")
     ap.add_argument("--regions", default="mask+grid")

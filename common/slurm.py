@@ -1,6 +1,6 @@
 r"""Slurm job arrays through submitit, for DomainBed's sweep (`--command_launcher slurm`,
-sweeps/launchers.py) and the CoOp protocols (`python -m sweeps.coop_protocols ... --launcher
-slurm`).
+domainbed_adapter/launchers.py) and the CoOp protocols (`python -m sweeps.coop_protocols ...
+--launcher slurm`).
 
 Options, each from (first wins) a `--slurm-*` flag (the CoOp protocols only: DomainBed's
 sweep parser is upstream's), a CLIPBENCH_SLURM_* variable, the YAML file named by
@@ -33,7 +33,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,55 +412,3 @@ def run_shell(command: str, cwd: str) -> int:
     if code:
         raise RuntimeError(f"exit status {code}")
     return 0
-
-
-# --- DomainBed's command launcher -------------------------------------------------------
-
-def output_dir(command: str) -> str | None:
-    """The --output_dir of a DomainBed train command."""
-    tokens = shlex.split(command)
-    for i, token in enumerate(tokens[:-1]):
-        if token == "--output_dir":
-            return tokens[i + 1]
-    return None
-
-
-def this_python(command: str) -> str:
-    """DomainBed's commands start with `python`: run them on this interpreter, as
-    submitit runs its own part."""
-    if command.startswith("python "):
-        return shlex.quote(sys.executable) + command[len("python"):]
-    return command
-
-
-def domainbed_launcher(commands) -> None:
-    """DomainBed's launcher contract: `commands` are the sweep's train commands, whose
-    job folders sweep.py has just made. Each becomes one task of one job array; its
-    `done` file appears only when it finished, so `delete_incomplete` + `launch` resumes.
-    On a bad option or a refused submission nothing runs and the (empty) job folders
-    are removed again, so the next `launch` submits them."""
-    commands = list(commands)
-    if not commands:
-        return
-    cwd = os.getcwd()
-    dirs = [output_dir(c) for c in commands]
-    parents = {str(Path(cwd, d).resolve().parent) for d in dirs if d}
-    sweep_dir = Path(os.path.commonpath(sorted(parents))) if parents else Path(cwd)
-    labels = [str(Path(cwd, d).resolve()) if d else c[:80] for d, c in zip(dirs, commands)]
-    try:
-        options = resolve()
-        outcome = submit(run_shell, [(this_python(c), cwd) for c in commands], labels, options,
-                         sweep_dir / "slurm_logs", "clipbench-domainbed")
-    except SlurmError as e:
-        for d in dirs:
-            try:
-                if d:
-                    os.rmdir(Path(cwd, d))  # only an empty folder: never a run's output
-            except OSError:
-                pass
-        print(f"slurm launcher: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if outcome.failed:
-        print(f"slurm: {len(outcome.failed)} job(s) failed; `python -m domainbed.scripts.sweep "
-              "delete_incomplete` with the same arguments, then `launch`, reruns them",
-              flush=True)

@@ -4,7 +4,7 @@ Vision-Language Models", arXiv 2409.08206) as a classifier in the harness's prot
 
 Training-free inside a sweep (`trains = False`): the lightweight head comes from a
 ComAlign checkpoint trained on image-caption pairs by `python -m
-pretraining.comalign_train` (hparam `comalign_checkpoint`). With
+algorithms.comalign.train` (hparam `comalign_checkpoint`). With
 `comalign_checkpoint: ""` (the default, needed to build without any file) the head is
 the identity: the refined global token is CLIP's global embedding (C = G) and the
 components are the frozen CLIP embeddings of the regions -- an untrained ComAlign, i.e.
@@ -12,14 +12,14 @@ CLIP plus the training-free component re-ranking of the chosen fusion.
 
 Per image (preprocessed tensor, no annotations inside a sweep): regions = the first
 `grid_regions` (default 5: left/right/top/bottom halves and the centre; up to 9 with
-the quadrants) boxes of a fixed grid (algorithms/comalign_components.py GridRegions),
+the quadrants) boxes of a fixed grid (algorithms/comalign/regions.py GridRegions),
 ranked by area; 5 keeps the demo's cost at about 6 image passes per image; each embedded as the greyed-out (`component_mode: mask`,
 default) or cropped view. Per class c: the global text embedding is the harness's
 class embedding (template ensemble, as ZSCLIP) and the single entity phrase is the bare
 class name (`entity_prompt`, default "{}": training phrases are bare attribute-noun
 phrases); a class prompt has no relation phrase, so the relation terms are 0 and the
 image's relation views are only computed when a trained head needs them as context.
-Scores: algorithms/comalign_head.py similarities (G, C, F_I2T, F_T2I) over images x
+Scores: algorithms/comalign/head.py similarities (G, C, F_I2T, F_T2I) over images x
 classes, fused with the image-to-text weights of `fusion` ("released": 2 G + 0.06 C +
 0.06 F_I2T + 0.02 F_T2I; "figure_mean": mean of C, E_I2T, R_I2T; "clip": G). The
 released code divides each matrix by the mean over queries of the per-query max; a
@@ -33,16 +33,16 @@ from typing import Dict
 
 import torch
 
-from algorithms.comalign_components import (GridRegions, clip_grey, encode_image_components,
-                                            rank_components)
-from algorithms.comalign_head import (EPS, IdentityHead, Side, get_fusion, load_head_checkpoint,
+from algorithms.comalign.head import (EPS, IdentityHead, Side, get_fusion, load_head_checkpoint,
                                       refine, similarities)
+from algorithms.comalign.regions import (GridRegions, clip_grey, encode_image_components,
+                                         rank_components)
 from algorithms.core.hparams import HParams, fixed
 from algorithms.core.method import CLIPMethod, clip_hparams
 from algorithms.core.registry import register_method
 
 
-def comalign_hparams(dataset: str | None = None) -> HParams:
+def comalign_hparams() -> HParams:
     hparams = dict(clip_hparams())
     hparams.update({
         "comalign_checkpoint": fixed(""),    # "" = identity head (untrained ComAlign)
@@ -64,31 +64,31 @@ class ComAlign(CLIPMethod):
     frozen_modules = ("clip", "image_head", "text_head")
 
     @staticmethod
-    def hparams(dataset: str | None = None) -> HParams:
-        return comalign_hparams(dataset)
+    def hparams() -> HParams:
+        return comalign_hparams()
 
-    def __init__(self, classnames, hparams, device=None):
-        super().__init__(classnames, hparams, device)
+    def __init__(self, cfg, context):
+        super().__init__(cfg, context)
         device = self.class_embeddings.device
-        self.fusion = get_fusion(hparams["fusion"])
-        self.num_entities, self.num_relations = int(hparams["num_entities"]), int(hparams["num_relations"])
-        self.mode = hparams["component_mode"]
+        self.fusion = get_fusion(cfg.fusion)
+        self.num_entities, self.num_relations = cfg.num_entities, cfg.num_relations
+        self.mode = cfg.component_mode
         self.checkpoint_meta: Dict = {}
-        if hparams["comalign_checkpoint"]:
-            image_head, text_head, ckpt = load_head_checkpoint(hparams["comalign_checkpoint"], device)
+        if cfg.comalign_checkpoint:
+            image_head, text_head, ckpt = load_head_checkpoint(cfg.comalign_checkpoint, device)
             dim = self.class_embeddings.shape[1]
             if image_head.config.dim != dim:
                 raise ValueError(f"{self.name}: checkpoint head dim {image_head.config.dim} != "
-                                 f"CLIP {hparams['clip_model']} embed dim {dim}")
+                                 f"CLIP {cfg.clip_model} embed dim {dim}")
             self.num_entities = image_head.config.num_entities
             self.num_relations = image_head.config.num_relations
             self.checkpoint_meta = dict(ckpt.get("meta", {}))
             trained_on = self.checkpoint_meta.get("clip_model")
-            if trained_on and trained_on != hparams["clip_model"]:
-                raise ValueError(f"{self.name}: checkpoint {hparams['comalign_checkpoint']} was "
-                                 f"trained on CLIP {trained_on}, not {hparams['clip_model']}")
+            if trained_on and trained_on != cfg.clip_model:
+                raise ValueError(f"{self.name}: checkpoint {cfg.comalign_checkpoint} was "
+                                 f"trained on CLIP {trained_on}, not {cfg.clip_model}")
             self.mode = self.checkpoint_meta.get("component_mode", self.mode)
-            print(f"{self.name}: trained head {hparams['comalign_checkpoint']} (epoch "
+            print(f"{self.name}: trained head {cfg.comalign_checkpoint} (epoch "
                   f"{int(ckpt.get('epoch', -1)) + 1}, CLIP {trained_on} "
                   f"{self.checkpoint_meta.get('clip_pretrained') or 'random init'}, "
                   f"views {self.mode})")
@@ -100,7 +100,7 @@ class ComAlign(CLIPMethod):
         self.trained_head = not isinstance(image_head, IdentityHead)
         self.register_buffer("grey", clip_grey().to(device), persistent=False)
         with torch.no_grad():
-            phrases = [hparams["entity_prompt"].format(c) for c in self.classnames]
+            phrases = [cfg.entity_prompt.format(c) for c in self.classnames]
             ent = self.clip.encode_text(self.tokenizer(phrases).to(device)).float()
         C, D = ent.shape
         entities = torch.zeros(C, self.num_entities, D, device=device)
@@ -116,12 +116,9 @@ class ComAlign(CLIPMethod):
         self.text_side = Side(self.class_embeddings.float(), refined.entities, refined.entity_mask,
                               refined.relations, refined.relation_mask)
 
-    def update(self, images, labels):
-        return {}
-
     def _ranked(self, size: int):
         grid = GridRegions().boxes(size, size)
-        k = int(self.hp["grid_regions"])
+        k = self.cfg.grid_regions
         grid.boxes, grid.scores = grid.boxes[:k], grid.scores[:k]
         eb, em, rp, rm = rank_components(grid, self.num_entities, self.num_relations)
         if not self.trained_head:

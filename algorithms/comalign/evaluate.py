@@ -1,10 +1,10 @@
 """Evaluate ComAlign beside plain CLIP on the same cached embeddings: image-text
 retrieval (R@1/5/10 both ways) and compositional benchmarks.
 
-    python -m pretraining.comalign_eval --checkpoint output/comalign/tiny/checkpoint.pt \
+    python -m algorithms.comalign.evaluate --checkpoint output/comalign/tiny/checkpoint.pt \
         --retrieval world:data/world --compositional worldcomp:data/world --out output/comalign/tiny
 
-Sets (pretraining/comalign_data.py): retrieval `coco:` (val2017, 5k x 25k), `karpathy:`
+Sets (algorithms/comalign/data.py): retrieval `coco:` (val2017, 5k x 25k), `karpathy:`
 (COCO 5k test, Flickr30k 1k test), `pairs:`, `world:`; compositional `sugarcrepe:` (all
 seven subsets found), `aro:` (VG-Relation, VG-Attribution), `worldcomp:` (the generated
 set). CLIP model, weights, regions, view mode and parser default to the checkpoint's;
@@ -12,16 +12,19 @@ without `--checkpoint` the head is the identity (untrained ComAlign).
 
 Retrieval: text->image counts a caption as found when its image is in the top k;
 image->text when any of the image's captions is (the reference's protocol; retrieval
-sets keep 5 captions per image). Scores are computed in chunks
-(algorithms/comalign_head.py chunked_retrieval); the "released" fusion's normalisers
+sets keep 5 captions per image); ties count against the query (common/retrieval.py,
+one rule with the pretraining evaluation). Scores are computed in chunks, in fp32
+(algorithms/comalign/head.py chunked_retrieval); the "released" fusion's normalisers
 are the reference's, over the whole set. Compositional: an item is right when the
 image-to-text fused score of the true caption beats the negative's (normalisers over
 the set's images x all its captions). Rows: "CLIP" (G) and "ComAlign (<fusion>)".
 
 Record `<out>/comalign_eval.json` ({"kind": "comalign_eval", "model", "checkpoint",
 "fusions", "retrieval": {set: {row: {image_to_text: {R@k}, text_to_image: {R@k}}}},
-"compositional": {set: {row: {subset: accuracy, "average": ...}}}}, in %), collected
-by results/kind_comalign.py.
+"compositional": {set: {row: {subset: accuracy, "average": ...}}}}, in %; "run": the
+run facts of common/run_facts.py: protocol comalign, stage eval, backbone = the CLIP
+model, weights_digest = the head checkpoint's sha256 (None: identity head), dataset =
+the set specs), collected by results/kind_comalign.py.
 """
 from __future__ import annotations
 
@@ -32,13 +35,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-from common import cli
-from algorithms.comalign_head import (IdentityHead, Side, aligned_scores, chunked_normalisers,
+from algorithms.comalign.data import Encoder, load_compositional, load_pairs
+from algorithms.comalign.head import (IdentityHead, Side, aligned_scores, chunked_normalisers,
                                       chunked_retrieval, get_fusion, load_head_checkpoint, refine)
+from common import cli
 from common.files import write_json_atomic
-from pretraining.comalign_data import Encoder, load_compositional, load_pairs
+from common.run_facts import file_digest, run_facts
 
 KIND = "comalign_eval"
+PRECISION = "fp32"  # embeddings and scores
 
 
 def parse_args(argv=None):
@@ -133,6 +138,16 @@ def evaluate(args, encoder: Optional[Encoder] = None) -> dict:
               "checkpoint": args.checkpoint or None, "head": "trained" if args.checkpoint else "identity",
               "fusions": list(args.fusion), "components": encoder.meta(),
               "retrieval": {}, "compositional": {}}
+    record["run"] = run_facts(
+        protocol="comalign", stage="eval", method="ComAlign",
+        config={"head": record["head"], "clip_pretrained": encoder.clip_pretrained,
+                "clip_weights": encoder.weights, "fusions": list(args.fusion),
+                "components": encoder.meta(), "retrieval": list(args.retrieval),
+                "compositional": list(args.compositional), "image_chunk": args.image_chunk,
+                "text_chunk": args.text_chunk},
+        precision=PRECISION, backbone=encoder.clip_model,
+        weights_digest=file_digest(args.checkpoint) if args.checkpoint else None,
+        dataset=" | ".join([*args.retrieval, *args.compositional]) or None, seeds={})
     for spec in args.retrieval:
         r = evaluate_retrieval(encoder, image_head, text_head, spec, args.fusion, args)
         record["retrieval"][r.pop("set")] = r
