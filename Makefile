@@ -2,12 +2,23 @@
 # `make test`: set up what is missing, then run the test suite.
 PYTHON ?= python
 
-.PHONY: setup demo test
+.PHONY: help setup setup-demo demo test
+# everything: the harness with its test extras and every upstream (DomainBed, Dassl, CoOp, tllib)
 setup:
-	$(PYTHON) third_party/install.py --harness
+	$(PYTHON) third_party/install.py --harness --extras test
 
-demo: setup
+# what the demo needs: the harness and DomainBed
+setup-demo:
+	$(PYTHON) third_party/install.py --harness --only DomainBed
+
+# the embedded default on generated data, on a CPU (docs/demo.md), after setup-demo
+demo: setup-demo
 	$(PYTHON) -m sweeps.demo
 
+# the test suite, after setup
 test: setup
-	$(PYTHON) -m pytest -q -rs tests
+	$(PYTHON) -m pytest -q -rs -n auto --dist loadfile tests
+
+# this list: each target with the comment line above it
+help:
+	@awk '/^# / {doc = substr($$0, 3); next} /^[a-z][a-z-]*:/ {split($$0, t, ":"); printf "  make %-11s %s\n", t[1], doc} {doc = ""}' $(firstword $(MAKEFILE_LIST))

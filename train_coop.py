@@ -1,4 +1,4 @@
-"""CoOp's train.py with the harness's trainers: same arguments, same logs.
+"""CoOp's train.py with the harness's trainers: same arguments, same logs (docs: docs/coop.md).
 
     python train_coop.py --trainer ZSCLIP --root DATA \
         --dataset-config-file third_party/CoOp/configs/datasets/oxford_pets.yaml \

@@ -1,4 +1,6 @@
-"""Where does CLIP look? Share of the CLS token's attention that falls on the object
+"""Measure CLS attention on the object before/after fine-tuning (docs: docs/performance.md).
+
+Where does CLIP look? Share of the CLS token's attention that falls on the object
 (the world's foreground masks), before and after fine-tuning with AlignCLIP and
 CLIPood, on held-out images, beside their accuracy on held-out images of the training
 domains and of the held-out domain; saves overlay figures and a JSON of the numbers.

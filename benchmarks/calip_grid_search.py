@@ -1,4 +1,6 @@
-"""CALIP's beta grid search: the vectorised search (algorithms.calip.grid_search) against
+"""Time CALIP's vectorised beta search against the per-pair loop (docs: docs/performance.md).
+
+CALIP's beta grid search: the vectorised search (algorithms.calip.grid_search) against
 the straightforward per-pair loop (grid_search_loop, one argmax over [N, C] per pair),
 timed side by side on the same score matrices; prints both times and whether they agree.
 

@@ -1,4 +1,6 @@
-"""Time and peak memory of ComAlign's chunked retrieval scoring beside plain CLIP's, on
+"""Time ComAlign's retrieval scoring beside CLIP's (docs: docs/comalign.md).
+
+Time and peak memory of ComAlign's chunked retrieval scoring beside plain CLIP's, on
 random normalised embeddings of the given shapes.
 
     python -m benchmarks.comalign_scoring [--device cpu|cuda] [--configs tiny vitb32]

@@ -1,4 +1,6 @@
-"""The harness's costs, measured: prints figures and writes one JSON (default
+"""Measure the harness's costs: precision, cache, step time, input (docs: docs/performance.md).
+
+The harness's costs, measured: prints figures and writes one JSON (default
 output/harness_costs.json). Every line is a ratio of two things timed side by side in
 this run (interleaved repeats, median), or an absolute figure with its device named.
 A benchmark, never a test: nothing is asserted.

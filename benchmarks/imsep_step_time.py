@@ -1,4 +1,6 @@
-"""Cost of AlignCLIP-IMSep against plain CLIP training, printed side by side in one run.
+"""Time AlignCLIP-IMSep's training step against plain CLIP's (docs: docs/pretraining.md).
+
+Cost of AlignCLIP-IMSep against plain CLIP training, printed side by side in one run.
 
     python benchmarks/imsep_step_time.py [--model tiny-sharedclip] [--batch-size 64]
                                          [--steps 10] [--device cpu] [--sentence-model NAME|DIR]

@@ -1,4 +1,6 @@
-"""AlignCLIP's training-step time over CLIPood's, same batch and backbone, measured
+"""Time AlignCLIP's training step over CLIPood's (docs: docs/performance.md).
+
+AlignCLIP's training-step time over CLIPood's, same batch and backbone, measured
 side by side (interleaved repeats, median). The paper reports 0.21 s vs 0.19 s per
 batch of 36 on a V100 (ratio 1.1); the target is a ratio of at most 1.10.
 `measure()` is what benchmarks/harness_costs.py calls.

@@ -1,4 +1,6 @@
-"""Deterministic synthetic multi-domain, compositional image-text "world".
+"""Generate the synthetic multi-domain, compositional image-text world (docs: docs/demo.md).
+
+Deterministic synthetic multi-domain, compositional image-text "world".
 
 Small coloured shapes drawn in four domains (photo, sketch, cartoon, painting),
 with background clutter, optional second object + spatial relation, a caption,

@@ -1,4 +1,6 @@
-"""Domain gap of a finished DomainBed run or sweep, with tllib's analysis tools:
+"""Measure the domain gap of finished DomainBed jobs with tllib (docs: docs/domainbed.md).
+
+Domain gap of a finished DomainBed run or sweep, with tllib's analysis tools:
 
     python -m evaluation.domain_gap SWEEP_OR_JOB_DIR [...] [--images-per-domain 200] \
         [--device cuda|cpu] [--precision auto|bf16|fp16|fp32]

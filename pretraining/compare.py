@@ -1,4 +1,6 @@
-"""CLIP vs SharedCLIP vs AlignCLIP-IMSep (Eslami & de Melo, ICLR 2025) pretrained on the
+"""Pretrain tiny CLIP, SharedCLIP, AlignCLIP-IMSep alike and compare them (docs: docs/pretraining.md).
+
+CLIP vs SharedCLIP vs AlignCLIP-IMSep (Eslami & de Melo, ICLR 2025) pretrained on the
 generated dataset's image-caption pairs, on CPU, with the same data, steps and seed, then
 evaluated alike.
 

@@ -1,4 +1,6 @@
-"""Evaluate a pretrained CLIP / SharedCLIP / AlignCLIP-IMSep checkpoint as Eslami & de Melo
+"""Evaluate a pretrained CLIP: zero-shot, retrieval, probe, modality gap (docs: docs/pretraining.md).
+
+Evaluates a pretrained CLIP / SharedCLIP / AlignCLIP-IMSep checkpoint as Eslami & de Melo
 ("Mitigate the Gap", ICLR 2025; sarahESL/AlignCLIP `main/{zero_shot,retrieval,
 linear_probing}.py`) do, plus modality-gap measures. One JSON record per run.
 

@@ -1,4 +1,6 @@
-"""Export a harness checkpoint as an open_clip model folder that any open_clip user (and
+"""Export a checkpoint as an open_clip model folder (docs: docs/pretraining.md).
+
+Export a harness checkpoint as an open_clip model folder that any open_clip user (and
 CLIP_benchmark) loads without this repository:
 
     python -m pretraining.export --model tiny-sharedclip --checkpoint ckpt.pt --out DIR

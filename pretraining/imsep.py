@@ -68,7 +68,7 @@ def imsep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         add_help=False, prog="python -m pretraining.imsep",
         description="Pretrain SharedCLIP / AlignCLIP-IMSep with open_clip_train "
-                    "(see pretraining/imsep.py's docstring).")
+                    "(docs: docs/pretraining.md).")
     p.add_argument("--clip-inModality-loss", dest="clip_inmodality_loss", action="store_true",
                    help="train with IMSepLoss (else open_clip's ClipLoss)")
     p.add_argument("--clip-loss", action="store_true", default=True,

@@ -1,4 +1,6 @@
-"""Pretrain the embedded default's tiny CLIP on the world's image-caption pairs with
+"""Pretrain and cache the demo's tiny CLIP, then measure it zero-shot (docs: docs/demo.md).
+
+Pretrain the embedded default's tiny CLIP on the world's image-caption pairs with
 open_clip's own trainer (open_clip_train), cache the checkpoint, and measure its
 zero-shot accuracy on held-out images of the seen domains and of the held-out domain.
 

@@ -1,4 +1,6 @@
-"""Result tables for every protocol: `python -m results.collect <dir> [<dir> ...] [--out DIR]`.
+"""Make result tables from DomainBed sweeps and Dassl/CoOp runs (docs: docs/results.md).
+
+    python -m results.collect <dir> [<dir> ...] [--out DIR]
 
 Walks the folders, hands each record file to its kind (results/kind_*.py: DomainBed
 sweeps, Dassl/CoOp runs, ...), adds the published reference rows (results/reference/)
@@ -25,6 +27,8 @@ def parse_args(argv):
                         help="folders holding result records (searched recursively)")
     parser.add_argument("--out", help="output folder (default: <first dir>/tables)")
     parser.add_argument("--no-figures", action="store_true", help="write no PNG figures")
+    parser.add_argument("--quiet", action="store_true",
+                        help="write the tables, print none of them")
     return parser.parse_args(argv)
 
 
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
         print(f"results.collect: error: records under {where} gave no table "
               "(see the warnings above)", file=sys.stderr)
         return 1
-    for table in all_tables:
+    for table in all_tables if not args.quiet else ():
         print(tables_mod.to_markdown(table))
     print(f"wrote {len(all_tables)} tables (.md, .tex, .csv) to {out}", file=sys.stderr)
     return 0

@@ -1,4 +1,6 @@
-r"""CoOp's prompt-learning protocols for every trainer train_coop.py runs (the harness's
+r"""Run a CoOp protocol for several trainers, then make its tables (docs: docs/coop.md).
+
+CoOp's prompt-learning protocols for every trainer train_coop.py runs (the harness's
 and CoOp's own CoOp, CoCoOp, ZeroshotCLIP), then the tables (results/collect.py).
 
     python -m sweeps.coop_protocols base2new --trainer CoOp CoCoOp AlignCLIP ZSCLIP \

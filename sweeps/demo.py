@@ -1,4 +1,6 @@
-"""The embedded default: generate the world, pretrain the tiny CLIP on its image-caption
+"""The embedded default: every method on generated data, on a CPU (docs: docs/demo.md).
+
+Steps: generate the world, pretrain the tiny CLIP on its image-caption
 pairs (open_clip_train, cached), run DomainBed's own sweep of every algorithm the harness
 registers on it, then DomainBed's collect_results and the harness's tables.
 Rerunning resumes: the world, the checkpoint and finished jobs are reused.
@@ -116,6 +118,37 @@ def collect_domainbed(sweep_dir) -> str:
     return out.stdout
 
 
+SUMMARY_TABLE = "domainbed_iid_in_vs_out_of_domain"  # written by results/kind_domainbed.py
+REFERENCE = "ZSCLIP"
+
+
+def summary(csv_path, model: str, trials: int) -> str:
+    """The demo's one table: each method's in-domain and out-of-domain accuracy (model
+    selection by training-domain validation), zero-shot CLIP first as the reference and
+    every method's difference to it, in points."""
+    import pandas as pd
+    cells = pd.read_csv(csv_path)
+    cells = cells[cells["role"] == "measured"]
+    kind = cells["column"].str.extract(r"(in-domain|out-of-domain)$")[0]
+    mean = cells.assign(kind=kind).pivot_table(index="row", columns="kind", values="mean")
+    err = cells.assign(kind=kind).pivot_table(index="row", columns="kind", values="err")
+    order = [REFERENCE] * (REFERENCE in mean.index) + sorted(set(mean.index) - {REFERENCE})
+    rows = []
+    for method in order:
+        row = {"Method": f"{method} (zero-shot reference)" if method == REFERENCE else method}
+        for kind in ("in-domain", "out-of-domain"):
+            row[kind.capitalize()] = f"{mean.at[method, kind]:.1f} ± {err.at[method, kind]:.1f}"
+        for kind in ("in-domain", "out-of-domain"):
+            delta = (mean.at[method, kind] - mean.at[REFERENCE, kind]
+                     if REFERENCE in mean.index and method != REFERENCE else None)
+            row[f"Δ {kind} vs {REFERENCE}"] = "—" if delta is None else f"{delta:+.1f}"
+        rows.append(row)
+    title = (f"CLIPWorld, {model}: accuracy (%) selected by training-domain validation, mean "
+             f"± standard error over {trials} trial(s), each domain held out in turn")
+    return f"\n{title}\n\n" + pd.DataFrame(rows).to_markdown(index=False,
+                                                                colalign=("left",) + ("right",) * 4)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=str(WORLD))
@@ -142,15 +175,16 @@ def main(argv=None) -> int:
     sweep_dir = output / "sweep"
     for algorithms, hparams, steps in sweep_groups(args.algorithms, checkpoint,
                                                    report["config"]["model"], args.steps):
-        print(f"demo: DomainBed sweep of {', '.join(algorithms)} on CLIPWorld ({steps} "
-              f"steps), each domain held out in turn -> {sweep_dir}", flush=True)
         run_sweep(paths["domainbed_root"], sweep_dir, algorithms, hparams, steps, args.trials)
-    print(collect_domainbed(sweep_dir))
+    collect_domainbed(sweep_dir)  # writes <sweep>/results.txt
+    tables_dir = output / "tables"
     from results import collect
-    if collect.main([str(sweep_dir), "--out", str(output / "tables")]) != 0:
+    if collect.main([str(sweep_dir), "--out", str(tables_dir), "--quiet"]) != 0:
         return 1
-    print(f"demo: DomainBed's tables in {sweep_dir / 'results.txt'}, the harness's in "
-          f"{output / 'tables'}; {time.time() - start:.0f} s")
+    print(summary(tables_dir / f"{SUMMARY_TABLE}.csv", report["config"]["model"], args.trials))
+    print(f"\ndemo: every table (.md, .tex, .csv) and figure in {tables_dir}; DomainBed's own "
+          f"tables: python -m domainbed.scripts.collect_results --input_dir {sweep_dir} "
+          f"(also in {sweep_dir / 'results.txt'}); {time.time() - start:.0f} s")
     return 0
 
 

@@ -10,6 +10,11 @@ THIRD_PARTY = REPO / "third_party"
 TINY = {"clip_model": "tiny-vit", "clip_pretrained": "", "templates": "photo"}
 
 os.environ.setdefault("CLIPBENCH_NUM_WORKERS", "0")
+# under pytest-xdist each worker is one of several processes sharing the cores: one torch
+# thread per worker and per process it starts (more threads than cores slow every one down)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 # the tests' feature-cache entries go to a folder of their own, not data/feature_cache
 if "CLIPBENCH_CACHE" not in os.environ:
     import tempfile

@@ -1,9 +1,10 @@
 """Install the pinned upstreams into third_party/ and hook the harness into them.
 
-    python third_party/install.py [--harness]
+    python third_party/install.py [--harness [--extras test]] [--only DomainBed ...]
 
---harness first installs the harness itself (`pip install -e .[test]`) unless this
-clone is already the installed one.
+--harness first installs the harness itself (`pip install -e .`, with `--extras` its
+extras, e.g. the test suite's) unless this clone is already installed with them.
+--only installs just the named upstreams (`make demo`: DomainBed; `make test`: all).
 
 Clones DomainBed, Dassl.pytorch, CoOp and Transfer-Learning-Library (tllib) with plain
 `git clone https://github.com/...` (so `git config url.<mirror>.insteadOf` redirects
@@ -92,21 +93,33 @@ def install_editable(name: str):
     print(f"[install] {name} installed (editable, no dependency pins)")
 
 
-def harness_installed() -> bool:
+def harness_installed(extras=()) -> bool:
+    """This clone is the installed clipbench, with every requirement of `extras`."""
     import importlib.metadata as metadata
-    try:
-        dist = metadata.distribution("clipbench")
-    except metadata.PackageNotFoundError:
+    import re
+    # pip's record of the editable install (the clone's own clipbench.egg-info, found
+    # first on sys.path, has no direct_url.json)
+    found = [d for d in metadata.distributions(name="clipbench")
+             if REPO.as_uri() in (d.read_text("direct_url.json") or "")]
+    if not found:
         return False
-    direct_url = dist.read_text("direct_url.json") or ""
-    return REPO.as_uri() in direct_url
+    dist = found[0]
+    for requirement in dist.requires or []:
+        name, _, marker = requirement.partition(";")
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)", marker)
+        if extra and extra.group(1) in extras:
+            try:
+                metadata.distribution(re.split(r"[<>=!~\[ ]", name.strip(), 1)[0])
+            except metadata.PackageNotFoundError:
+                return False
+    return True
 
 
-def install_harness():
-    if not harness_installed():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO}[test]"],
-                       check=True)
-        print("[install] harness installed (editable)")
+def install_harness(extras=()):
+    if not harness_installed(extras):
+        target = f"{REPO}[{','.join(extras)}]" if extras else str(REPO)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", target], check=True)
+        print(f"[install] harness installed (editable{', extras ' + ', '.join(extras) if extras else ''})")
 
 
 def write_pth(domainbed: bool):
@@ -128,12 +141,18 @@ def write_pth(domainbed: bool):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--harness", action="store_true", help="also pip install -e .[test]")
-    if parser.parse_args().harness:
-        install_harness()
-    ok = {name: fetch(name) for name in UPSTREAMS}
+    parser.add_argument("--harness", action="store_true", help="also pip install -e .")
+    parser.add_argument("--extras", nargs="*", default=[], help="the harness's extras (test)")
+    parser.add_argument("--only", nargs="*", choices=list(UPSTREAMS),
+                        help="install only these upstreams (default: all)")
+    args = parser.parse_args()
+    if args.harness:
+        install_harness(tuple(args.extras))
+    wanted = args.only or list(UPSTREAMS)
+    ok = {name: fetch(name) if name in wanted else (HERE / name / ".git").exists()
+          for name in UPSTREAMS}
     for name in EDITABLE:
-        if ok[name]:
+        if ok[name] and name in wanted:
             install_editable(name)
     write_pth(domainbed=ok["DomainBed"])
 

@@ -1,4 +1,6 @@
-"""Evaluate ComAlign beside plain CLIP on the same cached embeddings: image-text
+"""Evaluate ComAlign beside CLIP: retrieval and compositional benchmarks (docs: docs/comalign.md).
+
+Evaluate ComAlign beside plain CLIP on the same cached embeddings: image-text
 retrieval (R@1/5/10 both ways) and compositional benchmarks.
 
     python -m algorithms.comalign.evaluate --checkpoint output/comalign/tiny/checkpoint.pt \

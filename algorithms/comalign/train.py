@@ -1,4 +1,6 @@
-"""Train ComAlign's lightweight head on image-caption pairs (the harness's recipe: the
+"""Train ComAlign's head on image-caption pairs (docs: docs/comalign.md).
+
+Trains ComAlign's lightweight head on image-caption pairs (the harness's recipe: the
 reference releases no training code, loss or hyper-parameters).
 
     python -m algorithms.comalign.train --train world:data/world,split=train \
