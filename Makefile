@@ -17,7 +17,7 @@ demo: setup-demo
 
 # the test suite, after setup
 test: setup
-	$(PYTHON) -m pytest -q -rs -n auto --dist loadfile tests
+	$(PYTHON) -m pytest -q -rs -n auto --dist loadfile --no-loadscope-reorder tests
 
 # this list: each target with the comment line above it
 help:

