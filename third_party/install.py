@@ -118,10 +118,7 @@ def harness_installed(extras=()) -> bool:
 def install_harness(extras=()):
     if not harness_installed(extras):
         target = f"{REPO}[{','.join(extras)}]" if extras else str(REPO)
-        # --no-compile: no byte-compiling of every installed module (torch's thousands
-        # take ~40 s of CPU); Python compiles what a run imports, once, as it imports it
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-compile", "-e",
-                        target], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", target], check=True)
         print(f"[install] harness installed (editable{', extras ' + ', '.join(extras) if extras else ''})")
 
 
