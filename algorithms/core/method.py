@@ -61,11 +61,12 @@ from torch import nn
 
 from algorithms import backbone
 from algorithms.core import selection
-from algorithms.core.config import build_config, config_class
+from algorithms.core.config import build_config, config_class, defaults
 from algorithms.core.context import JobContext
 from algorithms.core.precision import as_fp32, autocast, scales_gradients
 from algorithms.core.feature_cache import FeatureCache, batch_digest, tensors_fingerprint
 from algorithms.core.hparams import HParams, fixed, precision
+from algorithms.core.nonfinite import named_terms
 from common.run_facts import file_digest
 
 
@@ -96,8 +97,7 @@ class NonFiniteLoss(FloatingPointError):
 
     def __init__(self, method_name: str, terms: Dict[str, float]):
         self.method_name, self.terms = method_name, dict(terms)
-        named = ", ".join(f"{k} = {v}" for k, v in self.terms.items())
-        super().__init__(f"{method_name}: non-finite loss: {named}")
+        super().__init__(f"{method_name}: non-finite loss: {named_terms(self.terms)}")
 
 
 def nonfinite_terms(summary: Dict[str, float], total: float) -> Dict[str, float]:
@@ -153,7 +153,7 @@ class CLIPMethod(nn.Module):
 
     @classmethod
     def default_hparams(cls) -> dict:
-        return {k: h.default for k, h in cls.hparams().items()}
+        return defaults(cls)
 
     @classmethod
     def create(cls, class_names: Sequence[str], values: Optional[dict] = None, *,

@@ -6,9 +6,13 @@ named term is finite); the DomainBed and Dassl adapters say where (`stopped`).""
 from __future__ import annotations
 
 
+def named_terms(terms: dict) -> str:
+    """'loss_cls = nan, loss_aal = inf' ('loss' when none is named)."""
+    return ", ".join(f"{k} = {v}" for k, v in terms.items()) or "loss"
+
+
 def stop_message(name: str, where: str, terms: dict, stops: str = "job") -> str:
-    named = ", ".join(f"{k} = {v}" for k, v in terms.items()) or "loss"
-    return f"{name}: non-finite loss at {where}: {named}; the {stops} stops here"
+    return f"{name}: non-finite loss at {where}: {named_terms(terms)}; the {stops} stops here"
 
 
 def stopped(error, where: str) -> FloatingPointError:
