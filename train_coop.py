@@ -11,6 +11,4 @@ from common import cli
 from trainers.coop_runner import main
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):  # the options below are CoOp's own parser's
-        print(__doc__.splitlines()[0] + "\n")
     cli.run(main, sys.argv[1:])

@@ -49,7 +49,12 @@ def prepare() -> Path:
     return train_py
 
 
+HELP_LINE = "CoOp's train.py with the harness's trainers (docs: docs/coop.md); its own options:\n"
+
+
 def main(argv) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(HELP_LINE)
     try:
         train_py = prepare()
     except SetupError as e:
