@@ -6,11 +6,12 @@ linear_probing}.py`) do, plus modality-gap measures. One JSON record per run.
 
     python -m pretraining.evaluate --model NAME --checkpoint PATH \
         [--zeroshot SPEC ...] [--retrieval SPEC ...] [--linear-probe SPEC ...] [--gap SPEC ...] \
-        --out DIR [--method LABEL] [--templates openai_imagenet] [--seed N]
+        --out DIR [--method LABEL] [--templates openai_imagenet] [--seed N] [--suite NAME]
 
 SPEC: `TYPE:PATH[,KEY=VALUE...]` (common/readers.py parse_spec), see pretraining/datasets.py
-(cifar10, cifar100, folder,
-world / coco, karpathy, pairs, world). Examples:
+(cifar10, cifar100, folder, world, and Eslami & de Melo's imagenet-val, imagenet-sketch,
+imagenet-a/-r/-o/-v2, flowers-102, food-101, stanford-cars / coco, karpathy, pairs,
+world, flickr). Examples:
     --zeroshot cifar10:/data/cifar --zeroshot folder:/data/imagenet-r,classnames=classnames.txt
     --zeroshot world:data/world --retrieval coco:captions_val2017.json,images=val2017
     --retrieval karpathy:dataset_flickr30k.json,images=flickr30k-images,split=test
@@ -18,15 +19,23 @@ world / coco, karpathy, pairs, world). Examples:
 
 Model: open_clip by name (the harness's configs registered first: tiny-clip-w64,
 tiny-sharedclip, SharedCLIP-ViT-B-16, ...) and a checkpoint file (a bare state dict or
-open_clip_train's epoch_N.pt); a SharedCLIP config is loaded tied
-(pretraining.sharedclip). `--model local-dir:DIR` loads an exported folder
+open_clip_train's epoch_N.pt, or Eslami & de Melo's released epoch_N.pt in either of
+their layouts, pretraining/released.py; `hf-hub:ORG/REPO/FILE` from the Hugging Face cache
+only); a SharedCLIP config is loaded tied (pretraining.sharedclip). `--model local-dir:DIR` loads an exported folder
 (pretraining/export.py) without --checkpoint. Features are L2-normalised; preprocessing
 is open_clip's eval transform of the config.
+
+--suite NAME runs one of Eslami & de Melo's scripts (eslami-zeroshot-cls,
+eslami-distribution-shift, eslami-retrieval; metadata/eslami_evaluation.json): only its
+datasets, each once (the record lists those left out), with their class names, templates
+and retrieval captions ('a photo of {}', each image's first 5).
 
 Metrics (accuracies and recalls in %):
 - zero-shot: classifier = open_clip.build_zero_shot_classifier over the templates (the
   reference uses open_clip.OPENAI_IMAGENET_TEMPLATES for every dataset), logits = I W;
-  top-1 and top-5 (top-5 is null with 5 classes or fewer).
+  top-1 and top-5 over images (top-5 is null with 5 classes or fewer); as theirs for
+  every dataset (Flowers and Cars too: no mean per class; ImageNet-O: top-1 over its 200
+  classes, not an OOD score). Sets with the same class names share one classifier.
 - retrieval, R@K for K = 1, 5, 10, S = T I^T: text->image: the caption's own image is among
   the K most similar images; image->text: any of the image's captions is among the K most
   similar captions (reference `main/retrieval.py`, CLIP_benchmark); ties count against the
@@ -92,8 +101,16 @@ def infer_method(model_name: str, checkpoint) -> str:
 def load_model(model_name: str, checkpoint, device="cpu"):
     """(model, eval preprocess, tokenizer, tied). Raises EvalError on bad input."""
     import open_clip
+    from algorithms.backbone import CheckpointError, released
     from pretraining import sharedclip
     sharedclip.register_model_configs()
+    try:  # hf-hub: names come from the Hugging Face cache only, never the network
+        if model_name.startswith(released.HF_HUB_PREFIX):  # an open_clip model folder there
+            model_name = "local-dir:" + str(released.hf_hub_folder(model_name)[0])
+        if checkpoint and str(checkpoint).startswith(released.HF_HUB_PREFIX):
+            checkpoint = str(released.resolve_hf_hub(str(checkpoint)))
+    except CheckpointError as e:
+        raise EvalError(str(e)) from None
     if model_name.startswith("local-dir:"):
         folder = Path(model_name[len("local-dir:"):])
         if not (folder / "open_clip_config.json").is_file():
@@ -110,12 +127,15 @@ def load_model(model_name: str, checkpoint, device="cpu"):
         raise EvalError(f"unknown model {model_name!r} (open_clip configs and the harness's: "
                         f"tiny-clip-w64, tiny-sharedclip, SharedCLIP-ViT-B-16, ...)")
     if not checkpoint:
-        raise EvalError("--checkpoint PATH is required (a state dict or open_clip_train epoch_N.pt)")
+        raise EvalError("--checkpoint PATH is required (a state dict, open_clip_train's or "
+                        "sarahESL/AlignCLIP's epoch_N.pt, or hf-hub:ORG/REPO[/FILE])")
     if not Path(checkpoint).is_file():
         raise EvalError(f"{checkpoint}: no such checkpoint file")
-    try:
+    try:  # the harness's checkpoints and Eslami & de Melo's released layouts
         model, _, preprocess = sharedclip.create_model_and_transforms(
             model_name, pretrained=str(checkpoint), device=device)
+    except CheckpointError as e:  # already one line naming the file and the key
+        raise EvalError(str(e)) from None
     except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError) as e:
         from algorithms.backbone import checkpoint_problem
         raise EvalError(f"{checkpoint}: cannot load as {model_name} "
@@ -241,11 +261,14 @@ def _unique(name, taken):
 
 def run_zeroshot(model, preprocess, tokenizer, sets, templates, device, progress) -> dict:
     import open_clip
-    results = {}
+    results, classifiers = {}, {}  # one classifier per list of class names
     for s in sets:
-        weights = open_clip.build_zero_shot_classifier(
-            model, tokenizer, s.classnames, templates, num_classes_per_batch=10,
-            device=device, use_tqdm=progress and len(s.classnames) > 10)
+        key = tuple(s.classnames)
+        if key not in classifiers:
+            classifiers[key] = open_clip.build_zero_shot_classifier(
+                model, tokenizer, s.classnames, templates, num_classes_per_batch=10,
+                device=device, use_tqdm=progress and len(s.classnames) > 10)
+        weights = classifiers[key]
         feats, labels = image_features(model, s.torch_dataset(preprocess), device,
                                        desc=f"zero-shot {s.name}", progress=progress)
         acc = topk_accuracy(feats @ weights.float().cpu(), labels)
@@ -325,6 +348,9 @@ def parse_args(argv):
     p.add_argument("--linear-probe", action="append", default=[], metavar="SPEC")
     p.add_argument("--gap", action="append", default=[], metavar="SPEC",
                    help="retrieval-type SPEC (option captions=all: every pair)")
+    p.add_argument("--suite", choices=sorted(ds.eslami_metadata()["suites"]),
+                   help="one of Eslami & de Melo's evaluation scripts: their datasets, class "
+                        "names, templates and captions (docs/pretraining.md)")
     p.add_argument("--templates", default="openai_imagenet",
                    help="template set (openai_imagenet, simple_imagenet, photo), a file, "
                         "or one template with {} (default %(default)s, as the reference)")
@@ -344,9 +370,12 @@ def prepare(args) -> dict:
     if not (args.zeroshot or args.retrieval or args.linear_probe or args.gap):
         raise EvalError("nothing to evaluate: give --zeroshot, --retrieval, --linear-probe "
                         "or --gap")
-    zs = [s for t in args.zeroshot
-          for s in ds.zeroshot_sets(readers.parse_spec(t, ds.ZEROSHOT_TYPES))]
-    rt = [ds.retrieval_set(readers.parse_spec(t, ds.RETRIEVAL_TYPES)) for t in args.retrieval]
+    zs_specs = [readers.parse_spec(t, ds.ZEROSHOT_TYPES) for t in args.zeroshot]
+    rt_specs = [readers.parse_spec(t, ds.RETRIEVAL_TYPES) for t in args.retrieval]
+    if args.suite:
+        apply_suite(args, zs_specs, rt_specs)
+    zs = [s for spec in zs_specs for s in ds.zeroshot_sets(spec)]
+    rt = [ds.retrieval_set(spec) for spec in rt_specs]
     lp = [ds.linear_probe_sets(readers.parse_spec(t, ds.LINEAR_PROBE_TYPES))
           for t in args.linear_probe]
     gaps = []
@@ -357,6 +386,57 @@ def prepare(args) -> dict:
             raise EvalError(f"--gap {t!r}: captions= takes first or all")
         gaps.append((ds.retrieval_set(spec), mode == "all"))
     return {"zeroshot": zs, "retrieval": rt, "linear_probe": lp, "gap": gaps}
+
+
+def _set_option(spec, key, value, why):
+    """Put key=value into a spec; another value given for it is refused."""
+    given = spec.options.get(key)
+    if given is not None and given != str(value):
+        raise EvalError(f"{spec.text!r}: {key}={given} differs from {why} ({key}={value})")
+    spec.options[key] = str(value)
+
+
+def apply_suite(args, zs_specs, rt_specs) -> None:
+    """Eslami & de Melo's script `args.suite`: only its dataset types, each once; their
+    class names (classnames=eslami), templates and retrieval captions (prompt=,
+    per_image=); no linear probe or gap (their scripts run neither)."""
+    meta = ds.eslami_metadata()
+    suite = meta["suites"][args.suite]
+    why = f"--suite {args.suite} ({suite['script']})"
+    if args.linear_probe or args.gap:
+        raise EvalError(f"{why} runs zero-shot and retrieval only: drop --linear-probe/--gap")
+    if args.templates != "openai_imagenet":
+        raise EvalError(f"{why} uses their templates (openai_imagenet), not {args.templates!r}")
+    seen = set()
+    for flag, specs in (("zeroshot", zs_specs), ("retrieval", rt_specs)):
+        for spec in specs:
+            if spec.type not in suite[flag]:
+                allowed = ", ".join(suite[flag]) or "none"
+                raise EvalError(f"--{flag} {spec.text!r}: not a dataset of {why} "
+                                f"(its --{flag} types: {allowed})")
+            if spec.type in seen:
+                raise EvalError(f"--{flag} {spec.text!r}: {spec.type} given twice for {why}")
+            seen.add(spec.type)
+            if flag == "zeroshot":
+                _set_option(spec, "classnames", "eslami", f"{why}'s class names")
+            else:
+                captions = meta["retrieval"]
+                _set_option(spec, "prompt", captions["caption_prompt"], f"{why}'s captions")
+                _set_option(spec, "per_image", captions["captions_per_image"], f"{why}'s captions")
+
+
+def suite_record(args) -> dict | None:
+    """Which of the script's datasets ran, under their result names."""
+    if not args.suite:
+        return None
+    meta = ds.eslami_metadata()
+    suite = meta["suites"][args.suite]
+    given = {readers.parse_spec(t, ds.ZEROSHOT_TYPES + ds.RETRIEVAL_TYPES).type: flag
+             for flag in ("zeroshot", "retrieval") for t in getattr(args, flag)}
+    return {"name": args.suite, "script": suite["script"], "source": meta["source"],
+            "missing": [t for t in suite["zeroshot"] + suite["retrieval"] if t not in given],
+            "their_names": {t: suite["their_names"][t] for t in given},
+            "precision": "theirs amp (float16 autocast on GPU), here fp32"}
 
 
 def evaluate(args) -> Path:
@@ -407,6 +487,7 @@ def evaluate(args) -> Path:
             record["figures"].append(fig.name)
     record["order"] = {k: list(record[k]) for k in ("zeroshot", "retrieval", "linear_probe",
                                                     "gap")}  # the JSON's keys are sorted
+    record["suite"] = suite_record(args)
     record["run"] = run_record(args, record["method"])
     record.update(seconds=round(time.time() - start, 1),
                   created=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -417,15 +498,19 @@ def evaluate(args) -> Path:
 def run_record(args, method: str) -> dict:
     """The record's run facts (common/run_facts.py): the evaluation settings as config."""
     from common.run_facts import file_digest, run_facts
-    weights = args.checkpoint
+    from algorithms.backbone.released import HF_HUB_PREFIX, WEIGHT_FILES, weights_file
+    weights = weights_file(args.checkpoint)
+    folder = None
     if args.model.startswith("local-dir:"):  # an exported folder's weights file
         folder = Path(args.model[len("local-dir:"):])
-        weights = next((folder / n for n in ("open_clip_model.safetensors",
-                                             "open_clip_pytorch_model.bin")
-                        if (folder / n).is_file()), None)
+    elif args.model.startswith(HF_HUB_PREFIX):
+        folder = Path(weights_file(args.model)).parent
+    if folder is not None:
+        weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     specs = {"zeroshot": args.zeroshot, "retrieval": args.retrieval,
              "linear_probe": args.linear_probe, "gap": args.gap}
-    config = {**{k: list(v) for k, v in specs.items()}, "templates": args.templates,
+    config = {**{k: list(v) for k, v in specs.items()}, "suite": args.suite,
+              "templates": args.templates,
               "probe_epochs": args.probe_epochs, "probe_batch_size": args.probe_batch_size,
               "batch_size": args.batch_size}
     return run_facts(protocol="pretraining", stage="eval", method=method, config=config,

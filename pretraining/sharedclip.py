@@ -31,15 +31,20 @@ for fair comparisons). The backbone registers both folders with open_clip, so ev
 harness method (DomainBed, Dassl) loads a SharedCLIP checkpoint by name, untied.
 
 Configs: `SharedCLIP-ViT-B-16` (the reference's ViT-B-16: 12 layers, width 768, 12 heads,
-patch 16, embed_dim 768), `SharedCLIP-ViT-B-16-512` (embed_dim 512), `tiny-sharedclip`
+patch 16, embed_dim 768), `SharedCLIP-ViT-B-16-512` (embed_dim 512), `SharedCLIP-ViT-L-16`
+(the reference's ViT-L-16: 16 layers, width 768, embed_dim 768), `tiny-sharedclip`
 (width 64, 2 layers, 2 heads, 64 px, patch 8, context 32, embed_dim 64, for CPU tests);
-plain twins `CLIP-ViT-B-16-w768` and `tiny-clip-w64` with identical JSON. The harness's
+plain twins `CLIP-ViT-B-16-w768`, `CLIP-ViT-B-16-512-w768`, `CLIP-ViT-L-16-w768` and
+`tiny-clip-w64` with identical JSON. The harness's
 `tiny-vit` cannot be matched exactly (its towers differ: vision width 96 x 4 layers, text
 64 x 2), so tiny comparisons use `tiny-clip-w64`, which shares tiny-vit's text tower,
 image size, patch, context length and embed_dim.
 
+Their released checkpoints (tied and untied layouts) load through
+`create_model_and_transforms` as well (pretraining/released.py).
+
 Deviations from the reference: the reference keeps an unused `text_projection` parameter;
-here there is none beyond the shared one. `lock_image_tower` (open_clip_train
+here there is none beyond the shared one (the importer checks its shape and drops it). `lock_image_tower` (open_clip_train
 `--lock-image`) would also freeze the shared transformer.
 """
 from __future__ import annotations
@@ -117,8 +122,15 @@ def check_shared_state_dict(state_dict: dict, source="checkpoint") -> None:
 
 def create_model_and_transforms(model_name: str, pretrained: str | None = None, **kwargs):
     """open_clip.create_model_and_transforms with this folder's configs registered; for a
-    shared config the towers are tied before the checkpoint (a local file) is loaded."""
+    shared config the towers are tied before the checkpoint (a local file) is loaded.
+    `pretrained` may also be an `hf-hub:` name in the Hugging Face cache or a file in
+    Eslami & de Melo's released layouts (pretraining/released.py)."""
+    from pretraining import released
     register_model_configs()
+    pretrained = released.local_checkpoint(pretrained)
+    layout, state, prefix = released.detect(pretrained)
+    if layout:
+        return released.build(model_name, pretrained, layout, state, prefix, **kwargs)
     if not is_shared(model_name):
         return open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(

@@ -14,13 +14,16 @@ Every table notes the precision(s) and backbone(s) it shows. Tables, one per ben
 - comalign_compositional_<set>: accuracy per subset (SugarCrepe's seven, ARO's, the
   generated set's replace_att/obj/rel) and their average.
 Malformed records and records without a valid "run" block are skipped with a warning
-naming the file.
+naming the file. Published rows (results/reference/, protocols comalign_retrieval and
+comalign_compositional; dataset = the set's name as the records name it; key "CLIP" or
+"ComAlign (<fusion>)") are shown beside each table, with the deltas of the matching rows.
 """
 from __future__ import annotations
 
 import re
 import warnings
 
+from results import reference
 from results.kinds import Kind, records_with_facts, register
 from results.tables import Cell, Table, mean_std
 
@@ -82,7 +85,7 @@ def _rows(records, section, set_name):
     return [(label, groups[label]) for label in sorted(groups, key=order)]
 
 
-def retrieval_table(records, set_name) -> Table:
+def retrieval_table(records, set_name, refs=()) -> Table:
     columns = [f"I→T {k}" for k in RECALLS] + [f"T→I {k}" for k in RECALLS]
     table = Table(f"comalign_retrieval_{_slug(set_name)}", f"ComAlign retrieval: {set_name}",
                   columns, digits=1, figure_column="T→I R@1", notes=[NOTE])
@@ -94,10 +97,14 @@ def retrieval_table(records, set_name) -> Table:
                         if isinstance(e.get(direction), dict) and k in e[direction]]
                 cells.append(_cell(vals))
         table.add(label, cells, key=label.split(" · ")[0])
+    arrow = {"image_to_text": "I→T", "text_to_image": "T→I"}
+    reference.attach(table, reference.select(refs, protocol="comalign_retrieval",
+                                             dataset=set_name),
+                     lambda ref: f"{arrow.get(ref.domain)} {ref.metric}")
     return table
 
 
-def compositional_table(records, set_name) -> Table:
+def compositional_table(records, set_name, refs=()) -> Table:
     rows = _rows(records, "compositional", set_name)
     subsets = sorted({s for _, entries in rows for e in entries for s in e if s != "average"})
     table = Table(f"comalign_compositional_{_slug(set_name)}",
@@ -108,6 +115,8 @@ def compositional_table(records, set_name) -> Table:
     for label, entries in rows:
         table.add(label, [_cell([e[s] for e in entries if s in e]) for s in [*subsets, "average"]],
                   key=label.split(" · ")[0])
+    reference.attach(table, reference.select(refs, protocol="comalign_compositional",
+                                             dataset=set_name), lambda ref: ref.metric)
     return table
 
 
@@ -126,7 +135,7 @@ class ComAlignKind(Kind):
             sets = []
             for rec in records:
                 sets += [s for s in rec.get(section, {}) if s not in sets]
-            tables += [build(records, s) for s in sets]
+            tables += [build(records, s, refs) for s in sets]
         for t in tables:
             t.notes.append(_facts_note(records))
         return tables

@@ -17,8 +17,9 @@ precision (the run facts'): with one setting each table names it in a note, with
 each row does.
 
 Tables: per dataset Base / New / HM and their average over datasets (CoCoOp Table 1),
-cross-dataset and DG (rows trainers, columns datasets). Cells are mean ± std over seeds
-(population std, as CoOp's parse_test_res.py); HM is the harmonic mean of the mean
+cross-dataset and DG (rows trainers, columns datasets); the all-classes table gets the
+published zero-shot rows (protocol calip_zeroshot, results/reference/). Cells are mean ±
+std over seeds (population std, as CoOp's parse_test_res.py); HM is the harmonic mean of the mean
 base and mean new accuracy, and the average row's HM that of the averaged base and new
 (as the published tables). Rows are trainers (a trainer's runs with several shot
 counts are pooled, with a note). Only `split == "test"` results are tabulated. A run
@@ -322,6 +323,8 @@ class Dassl(Kind):
         fewshot = by["fewshot"] + ([] if by["xd"] or by["dg"] else by["source"])
         if fewshot:
             title = "All classes, trained on the same dataset"
-            tables.append(transfer_table("dassl_fewshot", title, fewshot, [], notes,
+            # published zero-shot rows (CALIP's paper) beside it, one column per dataset
+            tables.append(transfer_table("dassl_fewshot", title, fewshot,
+                                         reference.select(refs, protocol="calip_zeroshot"), notes,
                                          "Average: over the columns other than ImageNet."))
         return tables

@@ -19,6 +19,9 @@ Every table notes the precision(s) and backbone(s) it shows. Tables:
 - pretraining_gap_<set>: every gap measure (pretraining/modality_gap.py).
 Records of another kind with the same file name are ignored; malformed ones and those
 without a valid "run" block are skipped with a warning naming the file.
+Published rows (results/reference/, protocols pretraining_zeroshot, pretraining_retrieval,
+pretraining_gap; dataset = the set's name as the records name it) are shown beside the
+zero-shot, retrieval and gap tables, with the deltas of the rows of the same method.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+from results import reference
 from results.kinds import Kind, records_with_facts, register
 from results.tables import Cell, Table, mean_std
 
@@ -35,6 +39,8 @@ SECTIONS = ("zeroshot", "retrieval", "linear_probe", "gap")
 GAP_COLUMNS = (("centroid_distance", "centroid distance"), ("alignment_score", "alignment"),
                ("separation_score", "separation"), ("mean_unpaired_cosine", "unpaired cos"),
                ("uniformity_image", "uniformity I"), ("uniformity_text", "uniformity T"))
+ZEROSHOT_COLUMN = {"top1": "top-1", "top5": "top-5"}  # a published metric's column
+ARROW = {"image_to_text": "I→T", "text_to_image": "T→I"}
 SPREAD_NOTE = "Cells: mean ± population std over the runs of a row (n = runs); — : no number."
 
 
@@ -141,7 +147,7 @@ def summary_table(records) -> Table | None:
     return table
 
 
-def zeroshot_table(records) -> Table | None:
+def zeroshot_table(records, refs=()) -> Table | None:
     sets = _sets(records, "zeroshot")
     if not sets:
         return None
@@ -154,10 +160,12 @@ def zeroshot_table(records) -> Table | None:
         cells = [_cell(runs, lambda d, s=s, k=k: d["zeroshot"][s][k])
                  for s in sets for k in ("top1", "top5")]
         table.add(label, cells, key=runs[0].method)
+    reference.attach(table, reference.select(refs, protocol="pretraining_zeroshot"),
+                     lambda ref: f"{ref.dataset} {ZEROSHOT_COLUMN.get(ref.metric)}")
     return table
 
 
-def retrieval_tables(records) -> list[Table]:
+def retrieval_tables(records, refs=()) -> list[Table]:
     tables = []
     for s in _sets(records, "retrieval"):
         keys = [(d, f"R@{k}") for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
@@ -170,6 +178,8 @@ def retrieval_tables(records) -> list[Table]:
         for label, runs in _rows(records):
             cells = [_cell(runs, lambda d, dd=dd, k=k: d["retrieval"][s][dd][k]) for dd, k in keys]
             table.add(label, cells, key=runs[0].method)
+        reference.attach(table, reference.select(refs, protocol="pretraining_retrieval", dataset=s),
+                         lambda ref: f"{ARROW.get(ref.domain)} {ref.metric}")
         tables.append(table)
     return tables
 
@@ -187,7 +197,7 @@ def linear_probe_table(records) -> Table | None:
     return table
 
 
-def gap_tables(records) -> list[Table]:
+def gap_tables(records, refs=()) -> list[Table]:
     tables = []
     for s in _sets(records, "gap"):
         table = Table(f"pretraining_gap_{_slug(s)}", f"Modality gap on {s}",
@@ -199,6 +209,8 @@ def gap_tables(records) -> list[Table]:
         for label, runs in _rows(records):
             table.add(label, [_cell(runs, lambda d, k=k: d["gap"][s][k]) for k, _ in GAP_COLUMNS],
                       key=runs[0].method)
+        reference.attach(table, reference.select(refs, protocol="pretraining_gap", dataset=s),
+                         lambda ref: dict(GAP_COLUMNS).get(ref.metric))
         tables.append(table)
     return tables
 
@@ -212,8 +224,9 @@ class PretrainingEval(Kind):
         return load_records(paths)
 
     def tables(self, records, refs) -> list[Table]:
-        made = [summary_table(records), zeroshot_table(records), *retrieval_tables(records),
-                linear_probe_table(records), *gap_tables(records)]
+        made = [summary_table(records), zeroshot_table(records, refs),
+                *retrieval_tables(records, refs), linear_probe_table(records),
+                *gap_tables(records, refs)]
         made = [t for t in made if t is not None]
         for t in made:
             t.notes.append(facts_note(records))

@@ -1,10 +1,11 @@
 """The CLIP backbone layer over open_clip, one module per concern:
-`loading` (models and weights), `transforms` (CLIP preprocessing), `text` (templates,
-text classifiers), `taps` (attention taps, D-V branch, spatial tokens)."""
-from algorithms.backbone.loading import (CHECKPOINT_SUFFIXES, DEFAULT_MODEL,
-                                         DEFAULT_PRETRAINED, MODEL_CONFIG_DIR, CheckpointError,
-                                         check_model_name, checkpoint_problem, image_size_of,
-                                         load_checkpoint, load_clip, register_model_configs,
+`loading` (models and weights), `checkpoints` (checkpoint files, one-line problems), `released` (Eslami & de Melo's released checkpoint
+layouts, `hf-hub:` names from the cache), `transforms` (CLIP preprocessing), `text`
+(templates, text classifiers), `taps` (attention taps, D-V branch, spatial tokens)."""
+from algorithms.backbone.checkpoints import (CHECKPOINT_SUFFIXES, MODEL_CONFIG_DIR,
+                                             CheckpointError, checkpoint_problem, load_checkpoint)
+from algorithms.backbone.loading import (DEFAULT_MODEL, DEFAULT_PRETRAINED, check_model_name,
+                                         image_size_of, load_clip, register_model_configs,
                                          tag_uses_quick_gelu)
 from algorithms.backbone.taps import (DV_MODES, ImageTaps, VisionTransformer,
                                       attention_pool_all_queries, encode_image_taps,

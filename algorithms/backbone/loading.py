@@ -2,23 +2,23 @@
 (loaded with weights_only=True) or random init, and the harness's configs:
 model_configs/*.json (tiny-vit, tiny-rn, 64 px; same-width plain CLIPs for the
 pretraining comparisons) and model_configs/shared/*.json (SharedCLIP, whose towers
-pretraining/sharedclip.py ties; loaded here untied, with the same outputs)."""
+pretraining/sharedclip.py ties; loaded here untied, with the same outputs). Eslami & de
+Melo's released checkpoints and `hf-hub:` names: released.py."""
 from __future__ import annotations
 
 import difflib
 import os
-import pickle
-import re
-from pathlib import Path
 from typing import Optional
 
 import open_clip
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-SHARED_CONFIG_DIR = MODEL_CONFIG_DIR / "shared"
+import algorithms.backbone.released as released
+from algorithms.backbone.checkpoints import (CHECKPOINT_SUFFIXES, LOAD_ERRORS,
+                                             MODEL_CONFIG_DIR, SHARED_CONFIG_DIR,
+                                             CheckpointError, checkpoint_problem)
+
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 _configs_registered = False
 
@@ -36,12 +36,27 @@ def register_model_configs() -> None:
 def load_clip(model_name: str = DEFAULT_MODEL, pretrained: Optional[str] = DEFAULT_PRETRAINED,
               device="cpu"):
     """Return (model, tokenizer). `pretrained` is an open_clip tag, a local checkpoint
-    file (loaded with weights_only=True), or None/'' for random init (tiny configs)."""
+    file (loaded with weights_only=True; Eslami & de Melo's released layouts included, see
+    backbone/released.py), an `hf-hub:ORG/REPO[/FILE]` name found in the Hugging Face
+    cache, or None/'' for random init (tiny configs). A SharedCLIP file loads untied."""
     check_model_name(model_name)
     pretrained = pretrained or None
+    if pretrained and pretrained.startswith(released.HF_HUB_PREFIX):
+        pretrained = str(released.resolve_hf_hub(pretrained))
     looks_like_file = pretrained and (os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES))
     if looks_like_file and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"CLIP checkpoint not found: {pretrained}")
+    if looks_like_file:
+        try:
+            state, prefix = released.read_state_dict(pretrained)
+        except CheckpointError:  # open_clip's load below says what is wrong
+            state, prefix = {}, ""
+        layout = released.layout_of(state)
+        if layout:  # their layouts: built without weights, then filled strictly
+            model = open_clip.create_model(model_name, pretrained=None, device=device)
+            released.load_released(model, state, layout, source=pretrained,
+                                   model_name=model_name, prefix=prefix)
+            return model.eval(), open_clip.get_tokenizer(model_name)
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
                                        weights_only=True,
@@ -63,68 +78,6 @@ def check_model_name(model_name: str) -> None:
         raise ValueError(f"unknown CLIP model {model_name!r}{hint}; known: {', '.join(known)} "
                          f"(open_clip's configs and {MODEL_CONFIG_DIR.name}/*.json: add a JSON "
                          f"config there for another)")
-
-
-# --- checkpoint files: every load is torch.load(weights_only=True) ----------------------
-
-class CheckpointError(RuntimeError, ValueError):
-    """A checkpoint that cannot be used: missing parts, truncated, of another model, or
-    refused (pickled code). A RuntimeError (as torch's) and a ValueError (bad input)."""
-
-
-LOAD_ERRORS = (RuntimeError, KeyError, EOFError, OSError, ValueError, pickle.UnpicklingError)
-
-
-def checkpoint_problem(error: BaseException, model_name: str = "") -> str:
-    """What is wrong with a checkpoint, in one line, from torch's or open_clip's error."""
-    message = str(error)
-    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in message:
-        found = (re.search(r"Unsupported global: (GLOBAL \S+?)(?: was|\s|$)", message)
-                 or re.search(r"(Unsupported operand \d+)", message)
-                 or re.search(r"WeightsUnpickler error: ([^\n]+)", message))
-        detail = f" ({found.group(1)})" if found else ""
-        return (f"refused: the file holds pickled code or objects that are not tensors{detail}; "
-                f"checkpoints are loaded with torch.load(weights_only=True), which never runs it")
-    if "Error(s) in loading state_dict" in message:
-        return f"not a {model_name or 'matching'} checkpoint ({state_dict_mismatch(message)})"
-    if ("PytorchStreamReader" in message or "invalid load key" in message
-            or isinstance(error, (EOFError, OSError))):
-        first = message.split(". ")[0].strip() or type(error).__name__
-        return f"truncated or not a torch checkpoint ({type(error).__name__}: {first})"
-    return " ".join(line.strip() for line in message.splitlines() if line.strip())
-
-
-def state_dict_mismatch(message: str) -> str:
-    """'N missing keys (e.g. k), M unexpected keys (e.g. k), K size mismatches (e.g. ...)'
-    from torch's load_state_dict error."""
-    parts = []
-    for label, pattern in (("missing keys", r"Missing key\(s\) in state_dict: (.*)"),
-                           ("unexpected keys", r"Unexpected key\(s\) in state_dict: (.*)")):
-        found = re.search(pattern, message)
-        if found:
-            keys = re.findall(r'"([^"]+)"', found.group(1))
-            parts.append(f"{len(keys)} {label}, e.g. {keys[0]}" if keys else label)
-    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
-                       r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)",
-                       message)
-    if sizes:
-        key, theirs, ours = sizes[0]
-        parts.append(f"{len(sizes)} size mismatches, e.g. {key}: {theirs} in the file, {ours} "
-                     f"in the model")
-    return "; ".join(parts) or message.splitlines()[0]
-
-
-def load_checkpoint(path, map_location="cpu", what: str = "checkpoint"):
-    """torch.load(path, weights_only=True); a missing file is a FileNotFoundError and any
-    other failure a CheckpointError, each naming the file and what is wrong in one line."""
-    import torch
-    path = str(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such {what} file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except LOAD_ERRORS as e:
-        raise CheckpointError(f"{path} ({what}): {checkpoint_problem(e)}") from None
 
 
 def tag_uses_quick_gelu(model_name: str, pretrained: Optional[str]) -> bool:

@@ -6,6 +6,7 @@
   (detector.py: the torchvision detector source);
 - cache.py: the HDF5 component cache;
 - data.py: pair sets and compositional sets, encoded through the cache;
+- released.py: the authors' released head checkpoint and HDF5 embeddings, read as released;
 - train.py, evaluate.py: `python -m algorithms.comalign.train` / `.evaluate`.
 Importing the package imports only the method (method discovery): no spaCy, h5py or
 detector code until they are used."""

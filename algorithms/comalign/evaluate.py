@@ -21,6 +21,13 @@ are the reference's, over the whole set. Compositional: an item is right when th
 image-to-text fused score of the true caption beats the negative's (normalisers over
 the set's images x all its captions). Rows: "CLIP" (G) and "ComAlign (<fusion>)".
 
+ComAlign's released files (algorithms/comalign/released.py; docs/comalign.md), scored as
+their inference.py scores them, R@1/5/10/50 both ways, plus its two printed lines:
+
+    python -m algorithms.comalign.evaluate --checkpoint ComAlign-CLIP-VIT-B32.pt \
+        --released-embeddings embeddings --captions annotations/captions_val2017.json \
+        --images val2017 --out output/comalign/released
+
 Record `<out>/comalign_eval.json` ({"kind": "comalign_eval", "model", "checkpoint",
 "fusions", "retrieval": {set: {row: {image_to_text: {R@k}, text_to_image: {R@k}}}},
 "compositional": {set: {row: {subset: accuracy, "average": ...}}}}, in %; "run": the
@@ -40,6 +47,7 @@ import torch
 from algorithms.comalign.data import Encoder, load_compositional, load_pairs
 from algorithms.comalign.head import (IdentityHead, Side, aligned_scores, chunked_normalisers,
                                       chunked_retrieval, get_fusion, load_head_checkpoint, refine)
+from algorithms.comalign.released import RELEASED_FORMAT
 from common import cli
 from common.files import write_json_atomic
 from common.run_facts import file_digest, run_facts
@@ -58,6 +66,12 @@ def parse_args(argv=None):
     ap.add_argument("--parser", choices=("auto", "rules", "spacy"))
     ap.add_argument("--retrieval", nargs="*", default=[])
     ap.add_argument("--compositional", nargs="*", default=[])
+    ap.add_argument("--released-embeddings", default="",
+                    help="folder of the released embeddings.zip's four HDF5 files")
+    ap.add_argument("--captions", default="",
+                    help="captions_val2017.json (with --released-embeddings)")
+    ap.add_argument("--images", default="",
+                    help="the val2017 image folder (with --released-embeddings)")
     ap.add_argument("--fusion", nargs="*", default=["released", "figure_mean"])
     ap.add_argument("--image-chunk", type=int, default=1000)
     ap.add_argument("--text-chunk", type=int, default=1000)
@@ -122,11 +136,34 @@ def evaluate_compositional(encoder, image_head, text_head, spec, fusions, args) 
     return out
 
 
+def evaluate_released(encoder, image_head, text_head, fusions, args) -> dict:
+    """The released embeddings + captions JSON + images, scored as inference.py scores them."""
+    from algorithms.comalign import released
+    data = released.load_released_set(args.released_embeddings, args.captions, args.images,
+                                      encoder)
+    images, token = refine_all(image_head, data["images"], args.device)
+    texts, _ = refine_all(text_head, data["texts"], args.device)
+    out = {"set": released.RELEASED_SET, "num_images": len(images), "num_captions": len(texts),
+           "files": data["files"]}
+    for label, fusion in rows_of(fusions):
+        out[label] = chunked_retrieval(images, token, texts, data["caption_image"], fusion,
+                                       ks=released.RECALL_KS, image_chunk=args.image_chunk,
+                                       text_chunk=args.text_chunk)
+        if fusion == "released":
+            print(f"{label}, as inference.py prints it:\n{released.as_released_print(out[label])}")
+    return out
+
+
 def evaluate(args, encoder: Optional[Encoder] = None) -> dict:
-    meta = {}
+    released_paths = (args.released_embeddings, args.captions, args.images)
+    if any(released_paths) and not all(released_paths):
+        raise cli.InputError("--released-embeddings, --captions and --images go together "
+                             "(the released embeddings, captions_val2017.json, val2017/)")
+    meta, head = {}, "identity"
     if args.checkpoint:
         image_head, text_head, ckpt = load_head_checkpoint(args.checkpoint, args.device)
         meta = dict(ckpt.get("meta", {}))
+        head = "released" if ckpt.get("format") == RELEASED_FORMAT else "trained"
     else:
         image_head, text_head = IdentityHead(), IdentityHead()
     pick = lambda value, key, default: value if value is not None else meta.get(key, default)
@@ -137,19 +174,26 @@ def evaluate(args, encoder: Optional[Encoder] = None) -> dict:
         pick(args.parser, "parser", "auto"), meta.get("num_entities", 10),
         meta.get("num_relations", 10), device=args.device, progress=not args.no_progress)
     record = {"kind": KIND, "model": encoder.clip_model, "pretrained": encoder.clip_pretrained,
-              "checkpoint": args.checkpoint or None, "head": "trained" if args.checkpoint else "identity",
+              "checkpoint": args.checkpoint or None, "head": head,
               "fusions": list(args.fusion), "components": encoder.meta(),
               "retrieval": {}, "compositional": {}}
     record["run"] = run_facts(
         protocol="comalign", stage="eval", method="ComAlign",
-        config={"head": record["head"], "clip_pretrained": encoder.clip_pretrained,
+        config={"head": head, "clip_pretrained": encoder.clip_pretrained,
                 "clip_weights": encoder.weights, "fusions": list(args.fusion),
                 "components": encoder.meta(), "retrieval": list(args.retrieval),
-                "compositional": list(args.compositional), "image_chunk": args.image_chunk,
+                "compositional": list(args.compositional),
+                "released_embeddings": args.released_embeddings or None,
+                "image_chunk": args.image_chunk,
                 "text_chunk": args.text_chunk},
         precision=PRECISION, backbone=encoder.clip_model,
         weights_digest=file_digest(args.checkpoint) if args.checkpoint else None,
-        dataset=" | ".join([*args.retrieval, *args.compositional]) or None, seeds={})
+        dataset=" | ".join([*args.retrieval, *args.compositional, *(
+            [f"released:{args.released_embeddings},captions={args.captions}"]
+            if args.released_embeddings else [])]) or None, seeds={})
+    if args.released_embeddings:
+        r = evaluate_released(encoder, image_head, text_head, args.fusion, args)
+        record["retrieval"][r.pop("set")] = r
     for spec in args.retrieval:
         r = evaluate_retrieval(encoder, image_head, text_head, spec, args.fusion, args)
         record["retrieval"][r.pop("set")] = r

@@ -11,11 +11,13 @@ Head (reference `RetrievalModel`, aliabdollahi024/ComAlign inference.py): the 21
 sequence [I^e (10), I^r (10), g] goes through a shared Linear(D, D)+ReLU, sinusoidal
 positions (the reference's formula: angle(p, j) = p / 10000^(2j/D), cos on even j, sin
 on odd j; dropout 0.1), and a 2-layer TransformerEncoder (d_model D, 4 heads,
-feed-forward 512, dropout 0.1, batch_first, post-norm). Outputs: 20 refined components
-and the refined global token c_i. D = 512 for ViT-B/32; the CLIP embed dim otherwise.
-The reference's unused `bottleneck_encoder` is left out. Harness's own: padded slots
-are passed as `src_key_padding_mask` (the reference feeds zero vectors unmasked;
-`padding_mask=False` does that). The text-side head (an option) is the same network
+feed-forward 512 (the reference's: D), dropout 0.1, batch_first, post-norm). Outputs:
+20 refined components and the refined global token c_i. D = 512 for ViT-B/32; the CLIP
+embed dim otherwise. The reference's unused `bottleneck_encoder` is left out. Harness's
+own: padded slots are passed as `src_key_padding_mask` (the reference feeds zero vectors
+unmasked; `padding_mask=False` does that). The released checkpoint (feed-forward D, no
+mask) loads through `load_head_checkpoint` (mapping: algorithms/comalign/released.py).
+The text-side head (an option) is the same network
 over [T^e, T^r, u]; the reference's text branch is broken (undefined name), so its
 use here is the harness's.
 
@@ -133,7 +135,9 @@ class IdentityHead(nn.Module):
 
 
 def load_head_checkpoint(path, device="cpu") -> Tuple[nn.Module, nn.Module, dict]:
-    """(image head, text head, config) of an algorithms.comalign.train checkpoint (weights_only)."""
+    """(image head, text head, checkpoint dict) of an algorithms.comalign.train checkpoint or
+    of the released `RetrievalModel` state dict (algorithms/comalign/released.py; text head:
+    the identity). weights_only; a layout problem is one line naming the first bad key."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ComAlign checkpoint not found: {path}")
     try:
@@ -142,8 +146,13 @@ def load_head_checkpoint(path, device="cpu") -> Tuple[nn.Module, nn.Module, dict
         from algorithms.backbone import checkpoint_problem
         raise ValueError(f"{path}: cannot read as a ComAlign head checkpoint "
                          f"({checkpoint_problem(e)})") from None
+    from algorithms.comalign import released
+    if released.is_released_layout(ckpt):
+        image_head, info = released.released_head(ckpt, path, device)
+        return image_head, IdentityHead(), info
     if not isinstance(ckpt, dict) or ckpt.get("format") != HEAD_FORMAT:
-        raise ValueError(f"{path}: not a ComAlign head checkpoint ({HEAD_FORMAT})")
+        raise ValueError(f"{path}: not a ComAlign head checkpoint ({HEAD_FORMAT}, or the "
+                         f"released RetrievalModel state dict)")
     config = HeadConfig(**ckpt["head_config"])
     image_head = ComAlignHead(config).to(device)
     image_head.load_state_dict(ckpt["image_head"])

@@ -4,7 +4,8 @@ Vision-Language Models", arXiv 2409.08206) as a classifier in the harness's prot
 
 Training-free inside a sweep (`trains = False`): the lightweight head comes from a
 ComAlign checkpoint trained on image-caption pairs by `python -m
-algorithms.comalign.train` (hparam `comalign_checkpoint`). With
+algorithms.comalign.train`, or the released `ComAlign-CLIP-VIT-B32.pt` (hparam
+`comalign_checkpoint`; algorithms/comalign/released.py). With
 `comalign_checkpoint: ""` (the default, needed to build without any file) the head is
 the identity: the refined global token is CLIP's global embedding (C = G) and the
 components are the frozen CLIP embeddings of the regions -- an untrained ComAlign, i.e.
@@ -35,6 +36,7 @@ import torch
 
 from algorithms.comalign.head import (EPS, IdentityHead, Side, get_fusion, load_head_checkpoint,
                                       refine, similarities)
+from algorithms.comalign.released import RELEASED_FORMAT
 from algorithms.comalign.regions import (GridRegions, clip_grey, encode_image_components,
                                          rank_components)
 from algorithms.core.hparams import HParams, fixed
@@ -88,10 +90,14 @@ class ComAlign(CLIPMethod):
                 raise ValueError(f"{self.name}: checkpoint {cfg.comalign_checkpoint} was "
                                  f"trained on CLIP {trained_on}, not {cfg.clip_model}")
             self.mode = self.checkpoint_meta.get("component_mode", self.mode)
-            print(f"{self.name}: trained head {cfg.comalign_checkpoint} (epoch "
-                  f"{int(ckpt.get('epoch', -1)) + 1}, CLIP {trained_on} "
-                  f"{self.checkpoint_meta.get('clip_pretrained') or 'random init'}, "
-                  f"views {self.mode})")
+            if ckpt.get("format") == RELEASED_FORMAT:  # the file names no CLIP
+                print(f"{self.name}: released head {cfg.comalign_checkpoint} (RetrievalModel, "
+                      f"D {dim}, released for CLIP ViT-B-32 openai; views {self.mode})")
+            else:
+                print(f"{self.name}: trained head {cfg.comalign_checkpoint} (epoch "
+                      f"{int(ckpt.get('epoch', -1)) + 1}, CLIP {trained_on} "
+                      f"{self.checkpoint_meta.get('clip_pretrained') or 'random init'}, "
+                      f"views {self.mode})")
         else:
             image_head, text_head = IdentityHead(), IdentityHead()
         self.image_head, self.text_head = image_head, text_head

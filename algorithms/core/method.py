@@ -87,7 +87,7 @@ FEATURES_CACHE_FORMAT = "image-features-v1"
 def starting_weights_digest(pretrained: str, clip: nn.Module) -> str:
     """What the run's records name as its starting weights: the sha256 of the weights
     file, else a digest of the loaded CLIP's tensors (a pretrained tag, random weights)."""
-    digest = file_digest(pretrained) if pretrained else None
+    digest = file_digest(backbone.released.weights_file(pretrained)) if pretrained else None
     return digest or f"tensors:{tensors_fingerprint(clip.state_dict().items())}"
 
 
