@@ -9,6 +9,7 @@ from common import paths
 
 NUM_WORKERS = "CLIPBENCH_NUM_WORKERS"          # loader workers: per DomainBed environment (default below), pretraining.evaluate (default 0)
 PARALLEL_JOBS = "CLIPBENCH_PARALLEL_JOBS"      # jobs at once of the local_parallel launcher (default: cores)
+PARALLEL_SLOTS = "CLIPBENCH_PARALLEL_SLOTS"    # a folder: local_parallel launchers sharing it share those jobs
 CACHE = "CLIPBENCH_CACHE"                      # feature-cache folder; "off" disables
 COOP_DIR = "CLIPBENCH_COOP_DIR"                # CoOp checkout (default third_party/CoOp)
 OPENAI_CLIP_DIR = "CLIPBENCH_OPENAI_CLIP_DIR"  # local OpenAI CLIP files for CoOp's trainers

@@ -17,16 +17,55 @@ def local_parallel_launcher(commands):
     """Run the sweep's commands on this machine, several at a time (default: one per
     core, each with its share of the cores as torch threads; CLIPBENCH_PARALLEL_JOBS).
     DomainBed's `local` launcher runs them one by one: on a CPU most of a short job is
-    Python start-up."""
+    Python start-up. Sweeps launched side by side with the same CLIPBENCH_PARALLEL_SLOTS
+    folder share the jobs at once between them (a lock file per slot)."""
     jobs = env.parallel_jobs()
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     environment = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    slots = SlotPool(os.environ.get(env.PARALLEL_SLOTS), jobs)
     pending, running = list(commands), []
     while pending or running:
-        running = [p for p in running if p.poll() is None]
-        while pending and len(running) < jobs:
-            running.append(subprocess.Popen(pending.pop(0), shell=True, env=environment))
+        for process, slot in running:
+            if process.poll() is not None:
+                slots.release(slot)
+        running = [(p, slot) for p, slot in running if p.returncode is None]
+        while pending and (slot := slots.acquire()) is not None:
+            running.append((subprocess.Popen(pending.pop(0), shell=True, env=environment), slot))
         time.sleep(0.2)
+
+
+class SlotPool:
+    """`size` slots for jobs: this process's own, or, given a folder, shared with every
+    process that uses the same folder (slot i is held by an flock on slot-i.lock, which
+    the kernel releases if the holder dies)."""
+
+    def __init__(self, folder, size: int):
+        self.folder, self.size, self.taken = folder and Path(folder), size, set()
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def acquire(self):
+        """A free slot (released with `release`), or None when all are taken."""
+        if not self.folder:
+            free = [i for i in range(self.size) if i not in self.taken]
+            if free:
+                self.taken.add(free[0])
+            return free[0] if free else None
+        import fcntl
+        for i in range(self.size):
+            handle = open(self.folder / f"slot-{i}.lock", "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle
+            except OSError:
+                handle.close()
+        return None
+
+    def release(self, slot) -> None:
+        if self.folder:
+            slot.close()  # drops the flock
+        else:
+            self.taken.discard(slot)
 
 
 def output_dir(command: str) -> str | None:

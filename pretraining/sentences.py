@@ -74,8 +74,8 @@ def load_sentence_model(name: str | None, device="cpu"):
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise InputError("semantic supervision needs sentence-transformers: "
-                         "pip install sentence-transformers") from None
+        raise InputError("semantic supervision needs sentence-transformers: pip install -e "
+                         "'.[imsep]' (or python third_party/install.py --harness)") from None
     try:
         return SentenceTransformer(path, device=str(device), local_files_only=True)
     except Exception as e:  # OSError, ValueError, hub errors: all mean "not available here"

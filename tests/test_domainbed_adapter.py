@@ -129,6 +129,28 @@ def test_local_parallel_launcher_runs_every_command_with_its_thread_share(tmp_pa
     assert {(tmp_path / f"job{i}").read_text().strip() for i in range(5)} == {threads}
 
 
+def test_launchers_sharing_a_slots_folder_never_run_more_jobs_than_its_size(tmp_path, monkeypatch):
+    import threading
+    from common import env
+    from domainbed_adapter import launchers
+    monkeypatch.setenv(env.PARALLEL_JOBS, "2")
+    monkeypatch.setenv(env.PARALLEL_SLOTS, str(tmp_path / "slots"))
+    (tmp_path / "running").mkdir()
+    counts = tmp_path / "counts"
+
+    def job(name):  # how many jobs run while this one starts
+        return (f"mkdir {tmp_path}/running/{name}; ls {tmp_path}/running | wc -l >> {counts}; "
+                f"sleep 0.4; rmdir {tmp_path}/running/{name}")
+    sweeps = [threading.Thread(target=launchers.local_parallel_launcher,
+                               args=([job(f"{s}{i}") for i in range(3)],)) for s in "ab"]
+    for sweep in sweeps:
+        sweep.start()
+    for sweep in sweeps:
+        sweep.join()
+    seen = [int(n) for n in counts.read_text().split()]
+    assert len(seen) == 6 and max(seen) == 2
+
+
 def test_demo_groups_algorithms_by_their_hparams():
     from sweeps import demo
     groups = demo.sweep_groups(["ZSCLIP", "CLIPood", "AlignCLIP", "CALIP", "CLIPLP"],

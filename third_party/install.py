@@ -3,8 +3,10 @@
     python third_party/install.py [--harness [--extras test]] [--only DomainBed ...]
 
 --harness first installs the harness itself (`pip install -e .`, with `--extras` its
-extras, e.g. the test suite's) unless this clone is already installed with them.
---only installs just the named upstreams (`make demo`: DomainBed; `make test`: all).
+extras, e.g. the test suite's; without --only also its `all` extra: Dassl's, tllib's and
+AlignCLIP-IMSep's dependencies, setup.py) unless this clone is already installed with them.
+--only installs just the named upstreams (`make demo`: DomainBed, and the harness without
+extras; `make test`: all).
 
 Clones DomainBed, Dassl.pytorch, CoOp and Transfer-Learning-Library (tllib) with plain
 `git clone https://github.com/...` (so `git config url.<mirror>.insteadOf` redirects
@@ -147,7 +149,7 @@ def main():
                         help="install only these upstreams (default: all)")
     args = parser.parse_args()
     if args.harness:
-        install_harness(tuple(args.extras))
+        install_harness(tuple(args.extras) + (() if args.only else ("all",)))
     wanted = args.only or list(UPSTREAMS)
     ok = {name: fetch(name) if name in wanted else (HERE / name / ".git").exists()
           for name in UPSTREAMS}
