@@ -17,7 +17,8 @@ def local_parallel_launcher(commands):
     """Run the sweep's commands on this machine, several at a time (default: one per
     core, each with its share of the cores as torch threads; CLIPBENCH_PARALLEL_JOBS).
     DomainBed's `local` launcher runs them one by one: on a CPU most of a short job is
-    Python start-up. Sweeps launched side by side with the same CLIPBENCH_PARALLEL_SLOTS
+    Python start-up. Each runs on this interpreter (DomainBed's commands say `python`).
+    Sweeps launched side by side with the same CLIPBENCH_PARALLEL_SLOTS
     folder share the jobs at once between them (a lock file per slot)."""
     jobs = env.parallel_jobs()
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -30,7 +31,8 @@ def local_parallel_launcher(commands):
                 slots.release(slot)
         running = [(p, slot) for p, slot in running if p.returncode is None]
         while pending and (slot := slots.acquire()) is not None:
-            running.append((subprocess.Popen(pending.pop(0), shell=True, env=environment), slot))
+            running.append((subprocess.Popen(this_python(pending.pop(0)), shell=True,
+                                             env=environment), slot))
         time.sleep(0.2)
 
 

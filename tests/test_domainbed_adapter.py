@@ -129,6 +129,15 @@ def test_local_parallel_launcher_runs_every_command_with_its_thread_share(tmp_pa
     assert {(tmp_path / f"job{i}").read_text().strip() for i in range(5)} == {threads}
 
 
+def test_local_parallel_launcher_runs_python_commands_on_this_interpreter(tmp_path, monkeypatch):
+    from domainbed_adapter import launchers
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `python` on PATH: only this interpreter
+    out = tmp_path / "which"
+    launchers.local_parallel_launcher(
+        [f"python -c \"import sys; open({str(out)!r}, 'w').write(sys.executable)\""])
+    assert out.read_text() == sys.executable
+
+
 def test_launchers_sharing_a_slots_folder_never_run_more_jobs_than_its_size(tmp_path, monkeypatch):
     import threading
     from common import env
