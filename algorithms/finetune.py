@@ -3,20 +3,17 @@ machinery CLIPood and AlignCLIP share (thuml/CLIPood main.py, engine.py):
 AdamW + cosine schedule over `total_steps`, the encoder forward at the method's
 `precision` and the loss in fp32 (algorithms/core/method.py), the encoder kept in eval mode while it
 trains (the reference's "Freeze all Norm Layers": BatchNorm statistics and dropout
-frozen, LayerNorm affine weights still train), and an optional Beta moving average
-(BMA) of the weights that is used for prediction. Baseline `CLIPFT`: cross-entropy.
-Documentation: docs/methods/clipft.md (BMA: docs/methods/clipood.md).
+frozen, LayerNorm affine weights still train), and the weight averaging every training
+method has (algorithms/core/averaging.py), here Beta moving average (BMA) by default, as
+CLIPood. Baseline `CLIPFT`: cross-entropy, no averaging.
+Documentation: docs/methods/clipft.md (averaging: docs/methods/weight_averaging.md).
 """
 from __future__ import annotations
 
-import copy
-from typing import Dict
-
-import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import nn
 
+from algorithms.core.averaging import averaging_hparams
 from algorithms.core.hparams import HParams, choice, fixed, log_uniform
 from algorithms.core.method import CLIPMethod, clip_hparams
 from algorithms.core.registry import register_method
@@ -24,46 +21,17 @@ from algorithms.core.registry import register_method
 
 def finetune_hparams(bma: bool = True) -> HParams:
     """The fine-tuning hyperparameters; per-dataset values (lr 1e-5 on OfficeHome and
-    DomainNet, ...) are in the recipe book (recipes/recipes.yaml)."""
+    DomainNet, ...) are in the recipe book (recipes/recipes.yaml). `bma` is the switch
+    that came before `averaging` (see VisualFinetuner.averaging_kind)."""
     hparams = dict(clip_hparams())
     hparams.update({
         "lr": log_uniform(5e-6, -5.7, -4.7),
         "weight_decay": log_uniform(0.1, -2.0, 0.0),
         "bma": fixed(bma),
-        "bma_beta": choice(0.5, (0.1, 0.5, 1.0)),
     })
+    hparams.update(averaging_hparams("bma" if bma else "none",
+                                     bma_beta=choice(0.5, (0.1, 0.5, 1.0))))
     return hparams
-
-
-class BetaMovingAverage(nn.Module):
-    """Weight average with step weights w_t = Beta(beta, beta).pdf((t + 0.5) / (T + 1)),
-    updated as avg <- (avg + r * theta) / (1 + r), r = w_t / sum_{s<t} w_s."""
-
-    def __init__(self, module: nn.Module, beta: float, total_steps: int):
-        super().__init__()
-        self.average = copy.deepcopy(module).requires_grad_(False).eval()
-        self.pdf = stats.beta(beta, beta).pdf
-        self.total_steps = total_steps
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("weight_sum", torch.tensor(self.weight(0), dtype=torch.float64))
-
-    def weight(self, step: int) -> float:
-        return float(self.pdf((step + 0.5) / (self.total_steps + 1)))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.average.eval()
-        return self
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> float:
-        self.step += 1
-        weight = self.weight(int(self.step))
-        relative = weight / float(self.weight_sum)
-        for avg, param in zip(self.average.parameters(), module.parameters()):
-            avg.mul_(1.0 / (1 + relative)).add_(param, alpha=relative / (1 + relative))
-        self.weight_sum += weight
-        return weight
 
 
 class VisualFinetuner(CLIPMethod):
@@ -78,20 +46,35 @@ class VisualFinetuner(CLIPMethod):
     def __init__(self, cfg, context):
         super().__init__(cfg, context)
         self.visual = self.clip.visual.requires_grad_(True)
-        self.bma = (BetaMovingAverage(self.visual, cfg.bma_beta, context.total_steps)
-                    if cfg.bma else None)
+
+    def averaging_kind(self) -> str:
+        """`averaging`, or what the older switch asks when it differs from the declared
+        default: `bma: true` is averaging bma, `bma: false` turns BMA off; a conflicting
+        pair (`bma: true` with another averaging) is refused."""
+        kind = super().averaging_kind()
+        declared = type(self).default_hparams()
+        if self.cfg.bma == declared["bma"]:
+            return kind
+        chosen = kind != declared["averaging"]
+        if self.cfg.bma:
+            if chosen and kind != "bma":
+                raise ValueError(f"{self.name}: bma true and averaging {kind!r} disagree; "
+                                 f"set averaging only")
+            return "bma"
+        if kind == "bma" and chosen:
+            raise ValueError(f"{self.name}: bma false and averaging 'bma' disagree; "
+                             f"set averaging only")
+        return "none" if kind == "bma" else kind
 
     def trainable_parameters(self):
         return self.visual.parameters()
 
-    def after_step(self) -> Dict[str, float]:
-        return {"bma_weight": self.bma.update(self.visual)} if self.bma is not None else {}
-
     def eval_visual(self) -> nn.Module:
-        return self.bma.average if self.bma is not None else self.visual
+        """The image tower; inside `averaged_weights()` it holds the average."""
+        return self.visual
 
     def encode_image(self, images):
-        """Normalised features of the encoder that predicts (the moving average when on)."""
+        """Normalised features of the encoder that predicts (the average when on)."""
         return F.normalize(self.run_encoder(self.eval_visual(), images), dim=-1)
 
     def predict(self, images):

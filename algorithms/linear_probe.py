@@ -18,6 +18,22 @@ from algorithms.core.method import CLIPMethod, clip_hparams
 from algorithms.core.registry import register_method
 
 
+LP_INITS = ("random", "zeroshot")
+
+
+def probe_head(class_embeddings: torch.Tensor, logit_scale, lp_init: str) -> nn.Linear:
+    """The probe's head, one row per class: PyTorch's default init ('random'), or the
+    zero-shot classifier W = logit_scale * T, b = 0 ('zeroshot'). LPFT starts from it too."""
+    head = nn.Linear(class_embeddings.shape[1], class_embeddings.shape[0]).to(class_embeddings.device)
+    if lp_init == "zeroshot":
+        with torch.no_grad():
+            head.weight.copy_(logit_scale * class_embeddings)
+            head.bias.zero_()
+    elif lp_init not in LP_INITS:
+        raise ValueError(f"lp_init {lp_init!r} not in {LP_INITS}")
+    return head
+
+
 @register_method
 class CLIPLP(CLIPMethod):
     name = "CLIPLP"
@@ -36,14 +52,7 @@ class CLIPLP(CLIPMethod):
 
     def __init__(self, cfg, context):
         super().__init__(cfg, context)
-        embeddings = self.class_embeddings
-        self.head = nn.Linear(embeddings.shape[1], embeddings.shape[0]).to(embeddings.device)
-        if cfg.lp_init == "zeroshot":
-            with torch.no_grad():
-                self.head.weight.copy_(self.logit_scale * embeddings)
-                self.head.bias.zero_()
-        elif cfg.lp_init != "random":
-            raise ValueError(f"lp_init {cfg.lp_init!r} not in ('random', 'zeroshot')")
+        self.head = probe_head(self.class_embeddings, self.logit_scale, cfg.lp_init)
 
     def trainable_parameters(self):
         return self.head.parameters()

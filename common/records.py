@@ -241,3 +241,25 @@ def in_domain_accuracy(record) -> Optional[float]:
     held_out = [v for k, v in record.items() if (m := ACCURACY.fullmatch(k))
                 and m.group(2) == "out" and int(m.group(1)) not in test_envs]
     return float(np.mean(held_out)) if held_out else None
+
+
+# --- WiSE-FT's records (evaluation/wise_ft.py): one per alpha --------------------------
+
+def wise_ft_alpha(record):
+    """The alpha of a WiSE-FT record (its job names a source algorithm), else None."""
+    if not record["args"].get("source_algorithm"):
+        return None
+    return record["hparams"].get("alpha")
+
+
+def alpha_runs(records) -> list:
+    """Each WiSE-FT record a run of its own (hparams_seed `<seed>@alpha=<alpha>`): upstream's
+    selection then picks alpha as it picks hyperparameters; the oracle, which reads each
+    run's last record, picks the alpha best on test-domain validation (not alpha 1)."""
+    def one(r):
+        alpha = wise_ft_alpha(r)
+        if alpha is None:
+            return r
+        return {**r, "args": {**r["args"],
+                              "hparams_seed": f"{r['args']['hparams_seed']}@alpha={alpha}"}}
+    return [one(r) for r in records]

@@ -92,7 +92,8 @@ def context(method_cls, cfg, hparams, num_domains: int) -> JobContext:
     batch = hparams.get("batch_size")
     return JobContext.build(cfg, names, train_classes=train_classes or hparams.get("train_classes"),
                             total_steps=steps, where=method_cls.name,
-                            images_per_step=batch * num_domains if batch else None)
+                            images_per_step=batch * num_domains if batch else None,
+                            domains_per_step=num_domains)
 
 
 def reference_steps(method_cls, hparams) -> Optional[int]:

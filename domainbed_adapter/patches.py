@@ -66,9 +66,11 @@ def _refuse_small_splits(module):
 def _exclude_damaged_jobs(module):
     """load_records: a job whose results.jsonl is damaged (common/records.py, the reader
     the harness's collector uses too) is left out whole, with one line naming file and
-    line (upstream crashes or, with a tolerant reader, scores the job on its remaining lines)."""
+    line (upstream crashes or, with a tolerant reader, scores the job on its remaining lines);
+    WiSE-FT's records (one per alpha) become one run per alpha, so the oracle picks alpha
+    on test-domain validation instead of taking the last (alpha 1)."""
     from pathlib import Path
-    from common.records import read_domainbed_job
+    from common.records import alpha_runs, read_domainbed_job
 
     def load_records(path):
         records = []
@@ -78,9 +80,19 @@ def _exclude_damaged_jobs(module):
                 print(f"collect_results: {damage}: job left out (incomplete)", file=sys.stderr)
             else:
                 records.extend(job_records)
-        return module.Q(records)
+        return module.Q(alpha_runs(records))  # WiSE-FT: each alpha a run, as in results/
 
     module.load_records = load_records
+
+
+def _final_checkpoint_selection(module):
+    from domainbed_adapter import final_checkpoint
+    final_checkpoint.register(module)
+
+
+def _final_checkpoint_in_collect_results(module):
+    from domainbed_adapter import final_checkpoint
+    final_checkpoint.print_in_collect_results(module)
 
 
 def _check_train_hparams(module):
@@ -107,7 +119,8 @@ PATCHES = {
                            _name_known_datasets, _debug_dataset_class_names),
     "domainbed.lib.misc": (_remember_splits,),
     "domainbed.lib.fast_data_loader": (_refuse_small_splits,),
-    "domainbed.lib.reporting": (_exclude_damaged_jobs,),
+    "domainbed.lib.reporting": (_exclude_damaged_jobs, _final_checkpoint_in_collect_results),
+    "domainbed.model_selection": (_final_checkpoint_selection,),
 }
 
 

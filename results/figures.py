@@ -50,3 +50,21 @@ def bar_charts(tables, out_dir) -> list[Path]:
             if path:
                 made.append(path)
     return made
+
+
+def alpha_curves(rows: dict, title: str, path) -> Path:
+    """WiSE-FT's curve: in-domain and out-of-domain accuracy (%) against alpha, one line
+    per row; `rows` is {row label: {alpha: (in-domain, out-of-domain)}}."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.4), sharex=True)
+    for label, points in sorted(rows.items()):
+        alphas = sorted(points)
+        for ax, part in zip(axes, (0, 1)):
+            ax.plot(alphas, [points[a][part] for a in alphas], marker="o", markersize=3,
+                    label=label)
+    for ax, name in zip(axes, ("in-domain", "out-of-domain")):
+        ax.set_xlabel("alpha (0: zero-shot, 1: fine-tuned)")
+        ax.set_ylabel(f"{name} accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return save_atomic(fig, path)

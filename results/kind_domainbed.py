@@ -37,17 +37,19 @@ from pathlib import Path
 
 import numpy as np
 
-from common.records import (Damage, dataset_environments, dataset_of, in_domain_accuracy,
-                            read_domainbed_job)
+from common.records import (Damage, alpha_runs, dataset_environments, dataset_of,
+                            in_domain_accuracy, read_domainbed_job, wise_ft_alpha)
 from common.run_facts import check_facts
-from results import reference
+from results import figures, reference
 from results.kinds import Kind, register
 from results.tables import Cell, Table, mean_se, setting_note
 
-# (file-name tag, DomainBed selection method): upstream's three default methods
+# (file-name tag, DomainBed selection method): upstream's three default methods, and the
+# last checkpoint with fixed hyperparameters (domainbed_adapter/final_checkpoint.py)
 SELECTIONS = (("iid", "IIDAccuracySelectionMethod"),
               ("loo", "LeaveOneOutSelectionMethod"),
-              ("oracle", "OracleSelectionMethod"))
+              ("oracle", "OracleSelectionMethod"),
+              ("final", "FinalCheckpointSelectionMethod"))
 
 
 @dataclass
@@ -170,7 +172,7 @@ def load_sweep(paths) -> Sweep:
 def upstream():
     """(model_selection, reporting, Q) from DomainBed, or None when it is not importable."""
     try:
-        from domainbed import model_selection
+        from domainbed import model_selection  # the harness's import hook adds the final-checkpoint method
         from domainbed.lib import reporting
         from domainbed.lib.query import Q
     except ImportError as e:
@@ -209,7 +211,7 @@ def selected_accs(records, method, reporting, Q) -> dict:
 # --- tables -------------------------------------------------------------------------
 
 # --- domain + class shift (open-world variants, domainbed_adapter/open_world.py) --------
-OPEN_SELECTIONS = ("iid", "oracle")  # leave-one-out reads test-env in-accuracies as validation
+OPEN_SELECTIONS = ("iid", "oracle", "final")  # leave-one-out reads test-env in-accuracies as validation
 
 
 def is_open_world(records) -> bool:
@@ -375,6 +377,73 @@ def backbone_note(records) -> list[str]:
     return [setting_note({setting_of(r) for r in records})] if records else []
 
 
+# --- WiSE-FT (evaluation/wise_ft.py): alpha chosen like a hyperparameter --------------
+WISE_FT_SELECTIONS = (("training-domain validation", "IIDAccuracySelectionMethod"),
+                      ("oracle", "OracleSelectionMethod"))
+
+
+def with_alpha_as_accuracy(record) -> dict:
+    """The record with its test environments' in-accuracy replaced by its alpha: the
+    selection then reports the alpha it picks."""
+    return {**record, **{f"env{t}_in_acc": wise_ft_alpha(record)
+                         for t in record["args"]["test_envs"]}}
+
+
+def wise_ft_table(model_selection, reporting, Q, dataset, records, keys, n_envs):
+    """Per WiSE-FT row and test domain: the alpha chosen on training-domain validation and
+    by the oracle, with the test accuracy each gives (± over trials); None: no row."""
+    records = [r for r in records if wise_ft_alpha(r) is not None]
+    if not records:
+        return None
+    columns = [f"{what} ({tag})" for tag, _ in WISE_FT_SELECTIONS
+               for what in ("alpha", "accuracy")]
+    table = Table(f"domainbed_wise_ft_{dataset}", f"{dataset}, WiSE-FT: the alpha each "
+                  "model selection chooses", columns, row_header="Algorithm, test domain",
+                  digits=2)
+    chosen = []
+    for _, method_name in WISE_FT_SELECTIONS:
+        method = getattr(model_selection, method_name)
+        chosen += [(selected_accs(list(map(with_alpha_as_accuracy, records)), method,
+                                  reporting, Q), 1.0),
+                   (selected_accs(records, method, reporting, Q), 100.0)]
+    envs = env_names(dataset, n_envs, records)
+    for algorithm in sorted({r["args"]["algorithm"] for r in records}):
+        for env in range(n_envs):
+            cells = []
+            for values, scale in chosen:
+                mean, err = mean_se(values.get((dataset, algorithm), {}).get(env, {}).values())
+                cells.append(Cell(None if mean is None else scale * mean,
+                                  None if err is None else scale * err,
+                                  n=len(values.get((dataset, algorithm), {}).get(env, {}))))
+            if any(c.mean is not None for c in cells):
+                table.add(f"{algorithm}, {envs[env]}", cells, key=algorithm)
+    rekey(table, keys)
+    table.notes.append("alpha: WiSE-FT's weight on the fine-tuned model (0: zero-shot, 1: "
+                       "fine-tuned), chosen like a hyperparameter on the training domains' "
+                       "held-out images (training-domain validation) or, marked oracle, on "
+                       "the test domain's held-out images; accuracy: the test domain's, in %. "
+                       "Mean ± standard error over trials.")
+    return table
+
+
+def wise_ft_curves(records) -> dict:
+    """{dataset: {row: {alpha: (in-domain, out-of-domain) accuracy in %}}}, each the mean
+    over the row's jobs (trials, test domains, hyperparameters)."""
+    points = collections.defaultdict(lambda: collections.defaultdict(
+        lambda: collections.defaultdict(list)))
+    for r in records:
+        alpha = wise_ft_alpha(r)
+        if alpha is None:
+            continue
+        out_of_domain = np.mean([r[f"env{t}_in_acc"] for t in r["args"]["test_envs"]])
+        points[r["args"]["dataset"]][r["args"]["algorithm"]][alpha].append(
+            (in_domain_accuracy(r), out_of_domain))
+    return {dataset: {row: {alpha: tuple(100 * np.mean(pairs, axis=0))
+                            for alpha, pairs in sorted(by_alpha.items())}
+                      for row, by_alpha in rows.items()}
+            for dataset, rows in points.items()}
+
+
 @register
 class DomainBed(Kind):
     name = "domainbed"
@@ -388,7 +457,7 @@ class DomainBed(Kind):
         if modules is None:
             return []
         model_selection, reporting, Q = modules
-        all_records, keys = by_setting(sweep.records)
+        all_records, keys = by_setting(alpha_runs(sweep.records))
         datasets = sorted({r["args"]["dataset"] for r in all_records})
         n_envs = {d: n_envs_of([r for r in all_records if r["args"]["dataset"] == d])
                   for d in datasets}
@@ -431,4 +500,18 @@ class DomainBed(Kind):
             reference.attach(table, [r for r in refs if r.domain == "Avg"],
                              lambda ref: ref.dataset)
             tables.append(table)
+        for dataset in datasets:
+            records = [r for r in all_records if r["args"]["dataset"] == dataset]
+            table = wise_ft_table(model_selection, reporting, Q, dataset, records, keys,
+                                  n_envs[dataset])
+            if table is not None:
+                tables.append(table)
         return tables
+
+    def figures(self, sweep: Sweep, tables, out_dir) -> list[Path]:
+        made = figures.bar_charts(tables, out_dir)
+        for dataset, rows in wise_ft_curves(by_setting(sweep.records)[0]).items():
+            made.append(figures.alpha_curves(
+                rows, f"{dataset}: WiSE-FT, accuracy against alpha",
+                Path(out_dir) / f"domainbed_wise_ft_{dataset}_curve.png"))
+        return made

@@ -1,7 +1,8 @@
 r"""Run a CoOp protocol for several trainers, then make its tables (docs: docs/coop.md).
 
-CoOp's prompt-learning protocols for every trainer train_coop.py runs (the harness's
-and CoOp's own CoOp, CoCoOp, ZeroshotCLIP), then the tables (results/collect.py).
+CoOp's prompt-learning protocols for every trainer train_coop.py runs (the harness's,
+CoOp's own CoOp, CoCoOp, ZeroshotCLIP, and MaPLe, IVLP, VPT and PromptSRC from their own
+code), then the tables (results/collect.py).
 
     python -m sweeps.coop_protocols base2new --trainer CoOp CoCoOp AlignCLIP ZSCLIP \
         --root DATA --output output --openai-clip-dir ~/weights
@@ -51,7 +52,8 @@ import yaml
 import recipes
 from algorithms.core import registry
 from common import cli, env, slurm
-from common.paths import REPO, TRAINER_CONFIGS
+from common.paths import REPO, THIRD_PARTY, TRAINER_CONFIGS
+from trainers.coop_runner import UPSTREAM_TRAINERS, upstream_dir
 
 COOP_DIR = env.coop_dir()
 SETTINGS_FILE = recipes.BOOK
@@ -60,7 +62,14 @@ TRAIN_COOP = REPO / "train_coop.py"
 OPENAI_CLIP_DIR_ENV = env.OPENAI_CLIP_DIR  # read by trainers/upstream_patches.py
 # CoOp's own trainers: they load OpenAI CLIP through CoOp's vendored `clip`
 COOP_TRAINERS = ("CoOp", "CoCoOp", "ZeroshotCLIP", "ZeroshotCLIP2")
+# every trainer that loads OpenAI CLIP through an upstream's vendored `clip`
+OPENAI_CLIP_TRAINERS = COOP_TRAINERS + tuple(t for names in UPSTREAM_TRAINERS.values()
+                                             for t in names)
+# "<prefix>:<path>" in the recipe book: <path> under that checkout's configs/trainers/
+CONFIG_PREFIXES = {"coop": COOP_DIR, "maple": THIRD_PARTY / "multimodal-prompt-learning",
+                   "promptsrc": THIRD_PARTY / "PromptSRC"}
 PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization")
+UNSEEN_CLASS_PROTOCOLS = ("base2new", "cross_dataset")  # evaluate classes never trained on
 # a run's stage -> what its record says it is (common/run_facts.py)
 RECORD_STAGES = {"train_base": "base", "test_new": "new", "source": "source", "target": "target"}
 
@@ -193,14 +202,21 @@ class Settings:
     reference_steps: dict = field(default_factory=dict)
     opts_by_dataset: dict = field(default_factory=dict)
     opts: list = field(default_factory=list)
+    source_config: Path | None = None  # cross_dataset's and DG's ImageNet model, if another
 
     def config_for(self, dataset_key: str) -> Path:
         return self.config_by_dataset.get(dataset_key, self.config)
 
+    def source_config_for(self) -> Path:
+        """The config of the ImageNet model that cross_dataset and domain_generalization
+        train and evaluate."""
+        return self.source_config or self.config_for(SOURCE)
+
 
 def config_path(spec: str) -> Path:
-    if spec.startswith("coop:"):
-        return COOP_DIR / "configs" / "trainers" / spec[len("coop:"):]
+    prefix, _, rest = spec.partition(":")
+    if rest and prefix in CONFIG_PREFIXES:
+        return CONFIG_PREFIXES[prefix] / "configs" / "trainers" / rest
     return Path(spec) if Path(spec).is_absolute() else REPO / spec
 
 
@@ -223,9 +239,11 @@ def load_settings(trainer: str, config_file=None, path=SETTINGS_FILE) -> Setting
                         bool(train), dict(entry.get("reference_steps") or {}),
                         {k: [str(o) for o in v]
                          for k, v in (entry.get("opts_by_dataset") or {}).items()},
-                        [str(o) for o in entry.get("opts") or []])
+                        [str(o) for o in entry.get("opts") or []],
+                        config_path(entry["source_config"]) if entry.get("source_config") else None)
     if config_file is not None:
         settings.config, settings.config_by_dataset = Path(config_file).resolve(), {}
+        settings.source_config = None
     return settings
 
 
@@ -364,7 +382,7 @@ def plan(protocol, settings_list, datasets, infos, seeds, shots, root, output,
         return runs
     imagenet = DATASETS[SOURCE]
     for s in settings_list:
-        config = s.config_for(SOURCE)  # the ImageNet model's config, for its targets too
+        config = s.source_config_for()  # the ImageNet model's config, for its targets too
         tag = f"{config.stem}_{shots}shots"
         epochs, note = max_epoch_opts(s, imagenet, infos.get(SOURCE, {}), shots, "all",
                                       read_config(config), [*s.opts, *user_opts])
@@ -552,7 +570,7 @@ def parse_args(argv):
 def openai_weights_problem(settings: Settings, datasets, clip_dir, opts) -> str | None:
     """For CoOp's own trainers given a weights folder: the file CoOp will ask for
     (named as OpenAI's download: MODEL.BACKBONE.NAME ViT-B/16 -> ViT-B-16.pt)."""
-    if settings.trainer not in COOP_TRAINERS or not clip_dir:
+    if settings.trainer not in OPENAI_CLIP_TRAINERS or not clip_dir:
         return None
     for dataset in datasets:
         config = read_config(settings.config_for(dataset.key))
@@ -583,6 +601,22 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"coop_protocols: error: {e}", file=sys.stderr)
         return 2
+    for s in list(settings_list):  # MaPLe's, PromptSRC's own code: one line when absent
+        checkout = upstream_dir(s.trainer)
+        if not (checkout / "train.py").is_file():
+            print(f"{s.trainer}: skipped, {checkout.name} not found at {checkout} "
+                  "(run: python third_party/install.py)", file=sys.stderr)
+            settings_list.remove(s)
+    if not settings_list:
+        print("coop_protocols: error: nothing can run (see the lines above)", file=sys.stderr)
+        return 2
+    for s in settings_list:
+        method = registry.methods().get(s.trainer)
+        if args.protocol in UNSEEN_CLASS_PROTOCOLS and method and not method.scores_unseen_classes:
+            print(f"coop_protocols: error: {s.trainer} scores only the classes it was fitted on: "
+                  f"no {args.protocol} (its few-shot runs: train_coop.py, docs/coop.md)",
+                  file=sys.stderr)
+            return 2
     if args.protocol != "base2new":
         wanted = [d for d in wanted if d.key != SOURCE]
     try:
@@ -592,7 +626,7 @@ def main(argv=None) -> int:
         print(f"coop_protocols: error: {e}", file=sys.stderr)
         return 2
     for s in settings_list:
-        for path in {s.config, *s.config_by_dataset.values()}:
+        for path in {s.config, *s.config_by_dataset.values(), *filter(None, [s.source_config])}:
             if not path.is_file():
                 print(f"coop_protocols: error: {s.trainer}: no config file {path}", file=sys.stderr)
                 return 2
@@ -613,9 +647,9 @@ def main(argv=None) -> int:
         if problem:
             print(problem, file=sys.stderr)
             continue
-        if s.trainer in COOP_TRAINERS and not clip_dir:
-            print(f"{s.trainer}: no --openai-clip-dir: CoOp's clip downloads OpenAI CLIP into "
-                  "~/.cache/clip")
+        if s.trainer in OPENAI_CLIP_TRAINERS and not clip_dir:
+            print(f"{s.trainer}: no --openai-clip-dir: {upstream_dir(s.trainer).name}'s clip "
+                  "downloads OpenAI CLIP into ~/.cache/clip")
         usable.append(s)
 
     runs = plan(args.protocol, usable, [d for d in wanted if d in present], infos,

@@ -38,6 +38,11 @@ from pretraining import tiny_clip as pretrain
 # discovered methods the demo leaves out unless named in --algorithms, and why
 LEFT_OUT = {
     "CALIPPaper": "the paper's betas are per CoOp dataset; CLIPWorld would get ImageNet's",
+    "TipAdapter": "its cache fills during training steps: one step would hold one batch",
+    **dict.fromkeys(("LPFT", "FLYP", "MIRO", "CLIPAdapter", "TipAdapterF", "DPL",
+                     "CoOpHarness", "CoCoOpHarness", "KgCoOp"),
+                    "training jobs past the demo's 10 minutes: the robust fine-tuning "
+                    "family's sweep is in docs/demo.md; --algorithms NAME runs any"),
 }
 
 
@@ -182,7 +187,8 @@ def main(argv=None) -> int:
     parser.add_argument("--algorithms", nargs="+", default=default_algorithms(),
                         choices=sorted(registry.methods()), metavar="NAME",
                         help="default: every registered method but " + "; ".join(
-                            f"{name} ({why})" for name, why in LEFT_OUT.items()))
+                            f"{', '.join(n for n in LEFT_OUT if LEFT_OUT[n] == why)} ({why})"
+                            for why in dict.fromkeys(LEFT_OUT.values())))
     parser.add_argument("--steps", type=int, default=100,
                         help="DomainBed steps of each job that trains")
     args = parser.parse_args(argv)

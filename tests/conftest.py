@@ -56,7 +56,9 @@ def tiny_clip():
 # the longest modules (pytest --durations, 2 cores), started first under pytest-xdist
 # (`make test`: --dist loadfile --no-loadscope-reorder) so that the workers end together;
 # only the order of modules changes, and only under xdist
-LONGEST_FIRST = ("test_faults_domainbed", "test_coop_protocols", "test_slurm_launcher",
+LONGEST_FIRST = ("test_upstream_prompt_learners", "test_faults_domainbed", "test_coop_protocols",
+                 "test_slurm_launcher", "test_weight_averaging", "test_wise_ft",
+                 "test_adapters_tip_clip",
                  "test_integration_coop", "test_integration_domainbed", "test_faults_coop",
                  "test_faults_pretraining", "test_imsep_train", "test_compare_pretraining",
                  "test_open_world", "test_domain_gap", "test_calip")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from algorithms import alignclip as ac
 from algorithms.clipood import margin_logits
-from algorithms.finetune import BetaMovingAverage
+from algorithms.core.averaging import BetaMovingAverage
 from algorithms.core.registry import get_method
 from tests.conftest import TINY
 
@@ -65,16 +65,16 @@ def test_beta_moving_average_is_the_weighted_mean_of_iterates():
     iterates = [1.0, 3.0, -2.0]
     with torch.no_grad():
         module.weight.fill_(iterates[0])
-    bma = BetaMovingAverage(module, beta=0.5, total_steps=10)
+    bma = BetaMovingAverage(list(module.parameters()), beta=0.5, total_steps=10)
     for value in iterates[1:]:
         with torch.no_grad():
             module.weight.fill_(value)
-        bma.update(module)
+        bma.update(list(module.parameters()))
     weights = [bma.weight(t) for t in range(3)]
     assert weights[0] == pytest.approx(torch.distributions.Beta(0.5, 0.5).log_prob(
         torch.tensor(0.5 / 11)).exp().item(), rel=1e-5)
     expected = sum(w * v for w, v in zip(weights, iterates)) / sum(weights)
-    assert bma.average.weight.item() == pytest.approx(expected, rel=1e-5)
+    assert bma.average[0].item() == pytest.approx(expected, rel=1e-5)
 
 
 def make(name, **overrides):

@@ -20,3 +20,12 @@ def test_summary_puts_zero_shot_first_and_the_differences_beside(tmp_path):
     cells = [c.strip() for c in lines[3].split("|")[2:-1]]
     assert cells == ["32.6 ± 0.5", "24.7 ± 0.2", "+4.5", "-2.8"]
     assert [c.strip() for c in lines[2].split("|")[4:-1]] == ["—", "—"]
+
+
+def test_the_demo_leaves_out_only_registered_methods_and_runs_the_rest():
+    from algorithms.core import registry
+    from sweeps import demo
+    registered = set(registry.methods())
+    assert set(demo.LEFT_OUT) <= registered, set(demo.LEFT_OUT) - registered
+    assert set(demo.default_algorithms()) == registered - set(demo.LEFT_OUT)
+    assert "ZSCLIP" in demo.default_algorithms()

@@ -37,7 +37,7 @@ def test_hook_patches_exactly_the_modules_of_the_patch_table():
     assert set(patches.PATCHES) == {"domainbed.command_launchers", "domainbed.algorithms",
                                      "domainbed.hparams_registry", "domainbed.datasets",
                                      "domainbed.lib.misc", "domainbed.lib.fast_data_loader",
-                                     "domainbed.lib.reporting"}
+                                     "domainbed.lib.reporting", "domainbed.model_selection"}
     hook.install()
     finder = next(f for f in sys.meta_path if isinstance(f, hook._PatchingFinder))
     assert finder.find_spec("domainbed.scripts.train", None) is None

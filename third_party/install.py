@@ -8,7 +8,8 @@ AlignCLIP-IMSep's dependencies, setup.py) unless this clone is already installed
 --only installs just the named upstreams (`make demo`: DomainBed, and the harness without
 extras; `make test`: all).
 
-Clones DomainBed, Dassl.pytorch, CoOp and Transfer-Learning-Library (tllib) with plain
+Clones DomainBed, Dassl.pytorch, CoOp, Transfer-Learning-Library (tllib), MaPLe's
+multimodal-prompt-learning and PromptSRC with plain
 `git clone https://github.com/...` (so `git config url.<mirror>.insteadOf` redirects
 work), checks out the pins, installs Dassl and tllib editable without their dependency
 pins, and writes one .pth file into site-packages
@@ -36,6 +37,9 @@ UPSTREAMS = {  # dir: (GitHub owner/name, pinned commit, what it enables)
     "CoOp": ("KaiyangZhou/CoOp", "ff61507c7904", "CoOp datasets and trainers (train_coop.py)"),
     "Transfer-Learning-Library": ("thuml/Transfer-Learning-Library", "c4aa59eb5656",
                                   "domain-gap analysis (python -m results.domain_gap)"),
+    "multimodal-prompt-learning": ("muzairkhattak/multimodal-prompt-learning", "69bce21ae8ed",
+                                   "MaPLe, IVLP and VPT trainers (train_coop.py)"),
+    "PromptSRC": ("muzairkhattak/PromptSRC", "bb95c77b634d", "PromptSRC trainer (train_coop.py)"),
 }
 EDITABLE = {"Dassl.pytorch": "dassl", "Transfer-Learning-Library": "tllib"}  # dir: module
 

@@ -178,8 +178,9 @@ class CLIPMethodTrainer(TrainerX):
             # Dassl checkpoints the method's training state (optimiser, schedule, scaler)
             # beside its weights; the method steps its schedule itself
             self.register_model("model", self.model, self.model.training_state, None)
-        else:
+        elif not self.method_cls.reads_training_data:
             self.max_epoch = 0  # nothing to train: train() goes straight to the test
+        # else: training-free, but update() reads the training set (Tip-Adapter's cache)
 
     def forward_backward(self, batch):
         images, labels = self.parse_batch_train(batch)
@@ -192,6 +193,10 @@ class CLIPMethodTrainer(TrainerX):
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary
+
+    def get_current_lr(self, names=None):
+        """Dassl logs the first model's lr; a method with no optimiser has none (0)."""
+        return super().get_current_lr(names) if self.get_model_names() else 0.0
 
     def parse_batch_train(self, batch):
         return batch["img"].to(self.device), batch["label"].to(self.device)

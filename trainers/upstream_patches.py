@@ -28,12 +28,21 @@ class UpstreamClash(RuntimeError):
     pass
 
 
+_opened: list = []  # the upstream root opened in this process (at most one)
+
+
 def open_upstream(root) -> None:
     """Make `root`'s `trainers.<x>`, `datasets` and `clip` importable (idempotent).
-    Refuses (one line) an upstream trainer file named like one of the harness's, and a
-    `datasets`/`clip` already imported from elsewhere."""
+    Refuses (one line) a second upstream in the same process (CoOp, MaPLe's and
+    PromptSRC's checkouts each have their own `trainers.coop`, `datasets`, `clip`), an
+    upstream trainer file named like one of the harness's, and a `datasets`/`clip`
+    already imported from elsewhere."""
     import trainers
     root = Path(root).resolve()
+    if _opened and _opened[0] != root:
+        raise UpstreamClash(f"{_opened[0].name} is already open in this process; {root.name} "
+                            f"has its own `trainers`, `datasets` and `clip` (run it in its own "
+                            f"process)")
     upstream_trainers = root / "trainers"
     ours = {p.name for d in trainers.__path__ if Path(d).resolve() != upstream_trainers
             for p in Path(d).glob("*.py") if p.name != "__init__.py"}
@@ -51,6 +60,7 @@ def open_upstream(root) -> None:
         sys.path.insert(0, str(root))
     if str(upstream_trainers) not in trainers.__path__:
         trainers.__path__.append(str(upstream_trainers))
+    _opened[:] = [root]
 
 
 # --- yacs ---------------------------------------------------------------------------
@@ -272,6 +282,23 @@ def _use_local_openai_clip(coop_clip):
     coop_clip._download = download
 
 
+# --- PromptSRC ----------------------------------------------------------------------
+
+def _no_cuda_calls_without_cuda(promptsrc):
+    """PromptSRC's trainer moves its frozen CLIP and the features it compares with
+    unconditional `.cuda()` calls, which fail on a machine without CUDA (Dassl itself
+    runs there on the CPU): where CUDA is unavailable, `Tensor.cuda()` and
+    `Module.cuda()` return the tensor or module unchanged, in PromptSRC's process only.
+    With CUDA nothing changes."""
+    import torch
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = torch.nn.Module.cuda = _stay_where_it_is
+
+
+def _stay_where_it_is(self, *args, **kwargs):
+    return self
+
+
 def _pass_seed_zero(argv):
     """train.py's reset_cfg ignores `--seed 0` (`if args.seed:`): also passed as a yacs opt."""
     for i, arg in enumerate(argv):
@@ -293,17 +320,22 @@ PATCHES = {
     "datasets": (_refuse_pickled_code_in_caches,),  # CoOp's (open_upstream first)
     "clip.clip": (_use_local_openai_clip,),  # CoOp's vendored OpenAI CLIP
 }
-COMMAND_LINE = (_pass_seed_zero,)  # CoOp's train.py arguments
+# the modules only one upstream has, by its folder under third_party/ (after PATCHES)
+UPSTREAM_PATCHES = {
+    "PromptSRC": {"trainers.promptsrc": (_no_cuda_calls_without_cuda,)},
+}
+COMMAND_LINE = (_pass_seed_zero,)  # train.py's arguments (CoOp's, MaPLe's, PromptSRC's)
 
 _applied: set = set()
 
 
 def apply(upstream_root) -> None:
-    """Make the upstream at `upstream_root` (CoOp's checkout) importable
-    (open_upstream), then import each module of PATCHES and apply its changes, each at
-    most once per process."""
+    """Make the upstream at `upstream_root` (CoOp's, MaPLe's or PromptSRC's checkout)
+    importable (open_upstream), then import each module of PATCHES, and of its
+    UPSTREAM_PATCHES, and apply its changes, each at most once per process."""
     open_upstream(upstream_root)
-    for name, changes in PATCHES.items():
+    tables = {**PATCHES, **UPSTREAM_PATCHES.get(Path(upstream_root).resolve().name, {})}
+    for name, changes in tables.items():
         module = importlib.import_module(name)
         for change in changes:
             if (name, change.__name__) not in _applied:

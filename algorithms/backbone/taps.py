@@ -4,6 +4,8 @@
   rows of chosen blocks and a parameter-shared D-V branch, in one pass (AlignCLIP).
 - `encode_image_tokens` (ViT and ModifiedResNet): the global embedding and every spatial
   token in the joint space, from one run of open_clip's forward (CALIP).
+- `encode_image_layers` (any tower): the outputs of named sub-modules, e.g. the stem and
+  stage ends `stage_ends` gives (MIRO).
 ResNet backbones have no CLS attention maps or D-V branch: `encode_image_taps` raises.
 Under autocast (a method's `precision`) the blocks keep the fused
 F.scaled_dot_product_attention on half-precision Q, K, V; the tapped CLS rows are
@@ -12,7 +14,7 @@ recomputed from the same Q, K in fp32 (one row per head, cheap).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -173,3 +175,48 @@ def attention_pool_all_queries(pool, x: torch.Tensor) -> torch.Tensor:
         out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
         use_separate_proj_weight=True, training=False, need_weights=False)
     return out
+
+
+# --- intermediate outputs (MIRO): what chosen sub-modules of the tower return ----------
+
+def stage_ends(visual, stages: int = 4) -> List[str]:
+    """Names of the sub-modules of `visual` that end its stem and each of its `stages`
+    stages, as kakaobrain/miro taps them (domainbed/networks/ur_networks.py BLOCKNAMES):
+    ViT: `conv1` and the last block of each of `stages` near-equal groups of blocks
+    (ViT-B/16: blocks 2, 5, 8, 11; fewer blocks than stages: every block);
+    ModifiedResNet: `avgpool` (the stem's end) and `layer1`..`layer4`."""
+    from open_clip.modified_resnet import ModifiedResNet
+    if isinstance(visual, VisionTransformer):
+        blocks = len(visual.transformer.resblocks)
+        groups = min(stages, blocks)
+        ends = [-(-blocks * (g + 1) // groups) - 1 for g in range(groups)]  # ceil division
+        return ["conv1", *(f"transformer.resblocks.{i}" for i in ends)]
+    if isinstance(visual, ModifiedResNet):
+        return ["avgpool", "layer1", "layer2", "layer3", "layer4"]
+    raise NotImplementedError(f"stage ends: unsupported image tower {type(visual).__name__}")
+
+
+def encode_image_layers(visual, images: torch.Tensor,
+                        layers: Sequence[str]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(visual(images), [the output of each named sub-module of `visual`, in `layers`
+    order]) from one run of the tower's own forward; the hooks are removed after it."""
+    modules = dict(visual.named_modules())
+    unknown = [name for name in layers if name not in modules]
+    if unknown:
+        raise ValueError(f"{type(visual).__name__} has no sub-module {unknown}")
+    captured: Dict[str, torch.Tensor] = {}
+
+    def keeper(name):
+        def keep(module, args, output):
+            captured[name] = output
+        return keep
+    handles = [modules[name].register_forward_hook(keeper(name)) for name in layers]
+    try:
+        out = visual(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in captured]
+    if missing:
+        raise RuntimeError(f"{type(visual).__name__}'s forward did not run {missing}")
+    return out, [captured[name] for name in layers]

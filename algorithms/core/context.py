@@ -13,6 +13,8 @@ its config; nothing writes it back into the hyperparameters.
   span them): DomainBed's --steps (else the dataset's N_STEPS), Dassl's epochs x batches;
 - images_per_step: images in one training step, all domains together (DomainBed:
   batch_size x training domains; Dassl: DATALOADER.TRAIN_X.BATCH_SIZE); None when unknown;
+- domains_per_step: how many equal parts, one per domain, a training batch is made of
+  (DomainBed: the training domains, concatenated in order; Dassl: 1);
 - device, precision: where the method runs and the precision `cfg.precision` resolves to
   there (algorithms/core/precision.py `choose_precision`).
 """
@@ -38,11 +40,13 @@ class JobContext:
     train_classes: int
     total_steps: int = 1
     images_per_step: Optional[int] = None
+    domains_per_step: int = 1
 
     @classmethod
     def build(cls, cfg, class_names: Sequence[str], *, train_classes: Optional[int] = None,
               total_steps: Optional[int] = None, images_per_step: Optional[int] = None,
-              device=None, where: str = "job") -> "JobContext":
+              device=None, where: str = "job",
+              domains_per_step: Optional[int] = None) -> "JobContext":
         class_names = tuple(str(c) for c in class_names)
         if not class_names:
             raise ValueError(f"{where}: no class names")
@@ -54,4 +58,5 @@ class JobContext:
         return cls(class_names=class_names, device=device,
                    precision=choose_precision(getattr(cfg, "precision", None), device),
                    train_classes=train_classes, total_steps=max(1, int(total_steps or 1)),
-                   images_per_step=images_per_step)
+                   images_per_step=images_per_step,
+                   domains_per_step=max(1, int(domains_per_step or 1)))

@@ -16,7 +16,11 @@ Declared on the class (read without building the method):
 - `trains`: whether `update` takes optimisation steps (False: training-free, one
   evaluation is enough);
 - `selects_on`: None, "validation" or "test" -- the held-out data `select()` may see
-  (algorithms/core/selection.py); `oracle` is True when that is the test data.
+  (algorithms/core/selection.py); `oracle` is True when that is the test data;
+- `reads_training_data`: trains nothing, yet `update` reads the training batches (a
+  cache: Tip-Adapter), so the adapters feed it;
+- `scores_unseen_classes`: False when it can score only the classes it was fitted on (the
+  CoOp protocols then refuse base-to-new and cross-dataset).
 
 The training contract (methods that declare `trains`): a method declares its loss,
 `loss(images, labels) -> (loss, {term: value})`, and what trains,
@@ -26,6 +30,9 @@ owns the rest: the optimiser and the cosine schedule over `context.total_steps`
 (`training_state`, one state_dict for checkpoints), precision and gradient scaling, the
 step and the non-finite check (`NonFiniteLoss`, naming the terms that are not finite;
 no weight changes on such a step).
+
+`context.domains_per_step`: how many domains a training batch concatenates, in equal
+parts (DomainBed: the training domains; Dassl: 1), for methods that treat each apart (DPL).
 
 Open-world protocols (domain + class shift) train on the first `context.train_classes`
 classes only: a method's training loss uses `train_class_embeddings`, its predictions
@@ -45,6 +52,15 @@ device with native bf16, fp16 on one without (then the step scales the loss with
 torch.amp.GradScaler), fp32 on the CPU. fp32 runs no autocast and no scaler. The text
 classifier is computed once, in fp32. `self.precision` holds the resolved name.
 
+Weight averaging (algorithms/core/averaging.py): every training method declares
+`averaging` (none | ema | swad | bma) and its settings, added to its `hparams()` here
+unless it declares them itself (a default of its own: CLIPood's and AlignCLIP's is bma).
+The base class averages what `trainable_parameters()` returns, from the weights the first
+step starts from, after every step (SWAD: with the step's loss), and runs `predict`,
+`encode_image` and `eval_features` with the averaged values in those parameters
+(`averaged_weights()`; the training step always sees the live ones). The averager is the
+sub-module named after its kind (`bma.*`, ...), so a checkpoint predicts as the run did.
+
 Cached evaluation features: a method whose evaluation encoder is frozen
 (`cache_features`: ZSCLIP, CLIPLP) takes `eval_features(images)` from the shared feature
 cache (algorithms/core/feature_cache.py, `$CLIPBENCH_CACHE`), keyed by a content digest
@@ -53,14 +69,16 @@ Each method's formulas, defaults and deviations: docs/methods/<name>.md.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from algorithms import backbone
-from algorithms.core import selection
+from algorithms.core import averaging, selection
 from algorithms.core.config import build_config, config_class, defaults
 from algorithms.core.context import JobContext
 from algorithms.core.precision import as_fp32, autocast, scales_gradients
@@ -135,17 +153,49 @@ class TrainingState:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
 
 
+def _with_averaged_weights(fn):
+    """`fn` (predict, encode_image, eval_features) run inside `averaged_weights()`."""
+    @functools.wraps(fn)
+    def run(self, *args, **kwargs):
+        with self.averaged_weights():
+            return fn(self, *args, **kwargs)
+    run._averaged = True
+    return run
+
+
+def _with_averaging_hparams(declare):
+    """A training method's `hparams()` plus the averaging ones it does not declare."""
+    def hparams() -> HParams:
+        declared = dict(declare())
+        for name, hp in averaging.averaging_hparams().items():
+            declared.setdefault(name, hp)
+        return declared
+    hparams._averaging = True
+    return hparams
+
+
+AVERAGED_CALLS = ("predict", "encode_image", "eval_features")
+
+
 class CLIPMethod(nn.Module):
     name = "?"
     trains: bool = False
     selects_on: Optional[str] = None  # None | "validation" | "test"
     frozen_modules: Sequence[str] = ("clip",)
     cache_features: bool = False  # eval_features from the feature cache (frozen encoder)
+    reads_training_data: bool = False  # trains nothing, yet update() reads batches (a cache)
+    scores_unseen_classes: bool = True  # False: only the classes it was fitted on (base2new: no)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         selection.check_declaration(cls)
         cls.oracle = cls.selects_on == selection.TEST
+        if cls.trains and not getattr(cls.hparams, "_averaging", False):
+            cls.hparams = staticmethod(_with_averaging_hparams(cls.hparams))
+        for name in AVERAGED_CALLS:
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_averaged", False):
+                setattr(cls, name, _with_averaged_weights(fn))
 
     @staticmethod
     def hparams() -> HParams:
@@ -180,6 +230,8 @@ class CLIPMethod(nn.Module):
         self._grad_scaler: Optional[torch.amp.GradScaler] = None
         self._training: Optional[TrainingState] = None
         self._features_fingerprint = (None, None)  # (parameter versions, digest)
+        self.averaging = self.averaging_kind() if self.trains else "none"
+        self._live_weights = True  # False in a training step, or while swapped out
         self.clip, self.tokenizer = backbone.load_clip(cfg.clip_model, cfg.clip_pretrained,
                                                        device=device)
         self.clip.requires_grad_(False)
@@ -189,6 +241,7 @@ class CLIPMethod(nn.Module):
             persistent=False)
         self._register_state_dict_hook(_drop_frozen_keys)
         self._register_load_state_dict_pre_hook(_keep_frozen_weights, with_module=True)
+        self._register_load_state_dict_pre_hook(_averager_for_checkpoint, with_module=True)
 
     @property
     def train_class_embeddings(self) -> torch.Tensor:
@@ -231,11 +284,57 @@ class CLIPMethod(nn.Module):
             self._grad_scaler = torch.amp.GradScaler(self.class_embeddings.device.type)
         return self._grad_scaler
 
+    @_with_averaged_weights
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.run_encoder(self.clip.encode_image, images), dim=-1)
 
+    @_with_averaged_weights
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * self.eval_features(images) @ self.class_embeddings.T
+
+    # -- weight averaging (algorithms/core/averaging.py) ---------------------------------
+
+    def averaging_kind(self) -> str:
+        """The averaging this run uses (`cfg.averaging`, checked)."""
+        return averaging.check_kind(self.cfg.averaging, self.name)
+
+    def averaged_parameters(self) -> List[nn.Parameter]:
+        """`trainable_parameters()`, each once, in order: what the average covers."""
+        seen, params = set(), []
+        for param in self.trainable_parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+        return params
+
+    @property
+    def averager(self) -> Optional[averaging.Averager]:
+        """The averager (made on first use from the current weights), None without one."""
+        if self.averaging == "none":
+            return None
+        if self.averaging not in self._modules:
+            self.add_module(self.averaging, averaging.make_averager(
+                self.averaging, self.cfg, self.averaged_parameters(), self.context.total_steps))
+        return self._modules[self.averaging]
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Inside: the averaged values in the averaged parameters (swapped, not copied);
+        the live weights when there is no average yet, or already swapped."""
+        averager = self._modules.get(self.averaging) if self.averaging != "none" else None
+        if averager is None or not averager.ready or not self._live_weights:
+            yield
+            return
+        pairs = list(zip(self.averaged_parameters(), averager.average))
+        self._live_weights = False
+        for param, average in pairs:
+            param.data, average.data = average.data, param.data
+        try:
+            yield
+        finally:
+            for param, average in pairs:
+                param.data, average.data = average.data, param.data
+            self._live_weights = True
 
     # -- the training contract -----------------------------------------------------------
 
@@ -270,10 +369,17 @@ class CLIPMethod(nn.Module):
         in fp32), then `step`; {} for a training-free method."""
         if not self.trains:
             return {}
-        with self.fp32():  # the encoder runs at self.precision inside (run_encoder)
-            loss, summary = self.loss(images, labels)
-        summary = dict(summary)
-        summary["loss"] = self.step(loss, summary)
+        averager = self.averager  # made before the first step: it starts from theta_0
+        self._live_weights = False  # the step sees the live weights, never the average
+        try:
+            with self.fp32():  # the encoder runs at self.precision inside (run_encoder)
+                loss, summary = self.loss(images, labels)
+            summary = dict(summary)
+            summary["loss"] = self.step(loss, summary)
+        finally:
+            self._live_weights = True
+        if averager is not None:
+            summary.update(averager.update(self.averaged_parameters(), summary["loss"]))
         summary.update(self.after_step())
         return summary
 
@@ -299,6 +405,7 @@ class CLIPMethod(nn.Module):
 
     # -- cached evaluation features ------------------------------------------------------
 
+    @_with_averaged_weights
     def eval_features(self, images: torch.Tensor) -> torch.Tensor:
         """`encode_image(images)` of an evaluation batch; for a method with a frozen
         evaluation encoder (`cache_features`) read from the shared feature cache when it
@@ -357,3 +464,10 @@ def _keep_frozen_weights(module, state_dict, prefix, *args):
     for name in module.frozen_modules:
         for key, value in getattr(module, name).state_dict(keep_vars=True).items():
             state_dict.setdefault(f"{prefix}{name}.{key}", value)
+
+
+def _averager_for_checkpoint(module, state_dict, prefix, *args):
+    """A checkpoint that holds an average: make the averager first, so that it loads."""
+    if module.averaging != "none" and any(
+            k.startswith(f"{prefix}{module.averaging}.") for k in state_dict):
+        module.averager  # noqa: B018 (made on first use)
