@@ -179,14 +179,11 @@ def main(argv=None) -> int:
                         help="the models' precision (default auto: for the device)")
     args = parser.parse_args(argv)
     from algorithms.core.context import default_device
-    from algorithms.core.precision import choose_precision
+    from algorithms.core.precision import choose_precision, device_problem
     device = args.device or default_device()
-    try:
-        torch.empty(0, device=device)
-        choose_precision(args.precision, device)
-    except (RuntimeError, ValueError, AssertionError) as e:  # no such device, no bf16 there
-        print(f"domain_gap: error: --device {device} --precision {args.precision}: "
-              f"{cli.one_line(e)}", file=sys.stderr)
+    problem = device_problem(device, args.precision)
+    if problem:
+        print(f"domain_gap: error: {problem}", file=sys.stderr)
         return 2
     tllib_analysis()
     jobs = finished_jobs(args.dirs)

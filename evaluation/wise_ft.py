@@ -183,20 +183,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from algorithms import wise_ft
     from algorithms.core.context import default_device
-    from algorithms.core.precision import choose_precision
+    from algorithms.core.precision import device_problem
     try:
         alphas = wise_ft.check_alphas(args.alphas)
     except ValueError as e:
         print(f"wise_ft: error: --alphas: {e}", file=sys.stderr)
         return 2
     device = args.device or default_device()
-    try:
-        import torch
-        torch.empty(0, device=device)
-        choose_precision(args.precision, device)
-    except (RuntimeError, ValueError, AssertionError) as e:  # no such device, no bf16 there
-        print(f"wise_ft: error: --device {device} --precision {args.precision}: "
-              f"{cli.one_line(e)}", file=sys.stderr)
+    problem = device_problem(device, args.precision)
+    if problem:
+        print(f"wise_ft: error: {problem}", file=sys.stderr)
         return 2
     root = Path(args.input_dir)
     if not root.is_dir():

@@ -13,6 +13,18 @@ from algorithms.core.hparams import PRECISIONS
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def device_problem(device, precision: Optional[str]) -> Optional[str]:
+    """Why `--device D --precision P` cannot run here (no such device, no bf16 there), in
+    one line; None when it can."""
+    from common.cli import one_line
+    try:
+        torch.empty(0, device=device)
+        choose_precision(precision, device)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        return f"--device {device} --precision {precision}: {one_line(e)}"
+    return None
+
+
 def choose_precision(requested: Optional[str], device) -> str:
     """The precision a method runs at on `device`: bf16 | fp16 | fp32.
     "auto" (or None): bf16 on a CUDA device with native bf16 (Ampere and later), fp16 on
