@@ -3,11 +3,11 @@
 PYTHON ?= python
 
 .PHONY: help setup setup-demo demo test
-# everything: the harness with its test extras and every upstream (DomainBed, Dassl, CoOp, tllib)
+# everything: the harness with its `all` and test extras and every upstream (DomainBed, Dassl, CoOp, tllib, MaPLe, PromptSRC)
 setup:
 	$(PYTHON) third_party/install.py --harness --extras test
 
-# what the demo needs: the harness and DomainBed
+# what the demo needs: the harness (core requirements only) and DomainBed
 setup-demo:
 	$(PYTHON) third_party/install.py --harness --only DomainBed
 
