@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms import backbone
-from algorithms.core.hparams import HParams, choice, fixed, log_uniform
+from algorithms.core.hparams import HParams, choice, dassl_sgd, fixed
 from algorithms.core.method import CLIPMethod, clip_hparams
 from algorithms.calip_search import beta_grid, grid_search
 from algorithms.core import selection
@@ -312,9 +312,7 @@ class CALIPFS(_CALIPBase):
             "beta2": fixed(0.08),
             "beta3": fixed(0.02),
             "hidden_dim": fixed(128),
-            "lr": log_uniform(2e-3, -3.5, -2.0),
-            "momentum": fixed(0.9),
-            "weight_decay": fixed(5e-4),
+            **dassl_sgd(),
         })
         return hparams
 

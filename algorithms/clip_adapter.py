@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.core.hparams import HParams, choice, fixed, log_uniform
+from algorithms.core.hparams import HParams, choice, dassl_sgd, fixed
 from algorithms.core.method import CLIPMethod, clip_hparams
 from algorithms.core.registry import register_method
 
@@ -56,9 +56,7 @@ class CLIPAdapter(CLIPMethod):
         hparams.update({
             "ratio": choice(0.2, (0.2, 0.4, 0.6, 0.8)),  # residual ratio alpha
             "reduction": fixed(4),
-            "lr": log_uniform(2e-3, -4.0, -2.0),
-            "momentum": fixed(0.9),
-            "weight_decay": fixed(5e-4),
+            **dassl_sgd(low_exp=-4.0),
         })
         return hparams
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.core.hparams import HParams, fixed, log_uniform
+from algorithms.core.hparams import HParams, dassl_sgd, fixed
 from algorithms.core.method import CLIPMethod, clip_hparams
 from algorithms.core.registry import register_method
 
@@ -183,9 +183,7 @@ def prompt_hparams(n_ctx: int = 4, ctx_init: str = "a photo of a") -> HParams:
         "ctx_init": fixed(ctx_init),
         "csc": fixed(False),
         "class_token_position": fixed("end"),
-        "lr": log_uniform(2e-3, -3.5, -2.0),
-        "momentum": fixed(0.9),
-        "weight_decay": fixed(5e-4),
+        **dassl_sgd(),
     })
     return hparams
 

@@ -88,6 +88,13 @@ def choice(default, options) -> HParam:
     return HParam(default, _Choice(tuple(options)))
 
 
+def dassl_sgd(lr: float = 2e-3, low_exp: float = -3.5, high_exp: float = -2.0) -> HParams:
+    """Dassl's SGD as the CoOp-family configs set it: lr searched log-uniformly in
+    [10^low_exp, 10^high_exp], momentum 0.9, weight decay 5e-4."""
+    return {"lr": log_uniform(lr, low_exp, high_exp), "momentum": fixed(0.9),
+            "weight_decay": fixed(5e-4)}
+
+
 # --- user-given values ----------------------------------------------------------------
 
 def json_type(value) -> str:
