@@ -268,7 +268,7 @@ def test_published_rows_and_deltas(tmp_path):
     measured = cell(table, "CLIPood", "Avg").mean
     delta = cell(table, "Δ CLIPood − CLIPood (published)", "Avg").mean
     assert delta == pytest.approx(measured - published)
-    assert any(n.startswith("Published: Shu et al., CLIPood") for n in table.notes)
+    assert any(n.startswith("Published: Zhang et al., Domain-Inspired") for n in table.notes)
     averages = tables["domainbed_iid_averages"]
     assert cell(averages, "CLIP (zero-shot) (published, ViT-B/16)", "PACS").mean == 96.2
 
