@@ -19,14 +19,18 @@ Every CSV has the columns of `Ref`:
   (pretraining_zeroshot), `R@1` / `R@5` / `R@10` (retrieval), a gap measure's key
   (pretraining_gap: `centroid_distance`, ...), a subset's name or `average`
   (comalign_compositional);
-- method: the published name; key: the harness's method name it corresponds to (a row
-  of that name gets a delta against it); backbone: the paper's backbone;
+- method: the published name; key: the names of the harness's methods or trainers it
+  corresponds to, separated by `;` (a measured row of any of them gets a delta against it:
+  `CoOp;CoOpHarness` serves CoOp's own trainer and the harness's CoOp), empty when none;
+  backbone: the paper's backbone;
 - value, err: in % (gap measures: as the paper prints them), err empty when not published;
 - source: paper and table; check: how the number was checked.
 `load` refuses (one line naming the file and line) a row of an unknown protocol, of a
-metric its protocol does not have, with a value that is not a finite number, or without
+metric its protocol does not have, with a value that is not a finite number, without
 dataset, metric, method, backbone, source or check (`key` may be empty: no harness
-counterpart).
+counterpart), or whose key has an empty or blank-padded name, or one name twice. It does
+not know which names exist: tests/test_reference_domainbed.py and
+tests/test_reference_coop.py check them against the harness's and upstream's names.
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ METRICS = {
     "comalign_compositional": None,
 }
 DIRECTIONS = ("image_to_text", "text_to_image")  # the retrieval protocols' `domain`
+KEY_SEPARATOR = ";"  # between the names of one key
 REQUIRED_TEXT = ("dataset", "metric", "method", "backbone", "source", "check")  # key may be
 # empty: a published method the harness has no counterpart of (no delta)
 
@@ -80,6 +85,11 @@ def _number(text, name, where):
     if not math.isfinite(value):
         raise ValueError(f"{where}: {name} {text!r} is not finite")
     return value
+
+
+def key_names(key: str) -> tuple[str, ...]:
+    """The names a `key` holds: '' -> (), 'CoOp;CoOpHarness' -> ('CoOp', 'CoOpHarness')."""
+    return tuple(key.split(KEY_SEPARATOR)) if key else ()
 
 
 def parse_row(row: dict, where: str) -> Ref:
@@ -101,6 +111,10 @@ def parse_row(row: dict, where: str) -> Ref:
     if protocol.endswith("_retrieval") and row["domain"] not in DIRECTIONS:
         raise ValueError(f"{where}: a retrieval row's domain is {' or '.join(DIRECTIONS)}, "
                          f"not {row['domain']!r}")
+    names = key_names(row["key"] or "")
+    if any(not n or n != n.strip() for n in names) or len(set(names)) < len(names):
+        raise ValueError(f"{where}: key {row['key']!r} is not names separated by "
+                         f"{KEY_SEPARATOR!r} (no empty, blank-padded or repeated name)")
     fields = {k: row[k] for k in Ref.__dataclass_fields__}
     fields["value"] = _number(row["value"], "value", where)
     fields["err"] = _number(row["err"], "err", where) if row.get("err") else None
@@ -124,8 +138,8 @@ def select(refs, **fields) -> list[Ref]:
 def attach(table: Table, refs, column_of) -> None:
     """Append a '<method> (published, <backbone>)' row per published method whose numbers
     land in the table's columns (`column_of(ref)` names the column, or None), then a
-    'Δ <row> − <method>' row for every measured row whose key is that method's key (when
-    they share a number)."""
+    'Δ <row> − <method>' row for every measured row whose key is one of the names of that
+    method's key (`key_names`; when they share a number)."""
     by_method: dict[tuple, dict[str, Ref]] = {}
     for ref in refs:
         column = column_of(ref)
@@ -135,7 +149,7 @@ def attach(table: Table, refs, column_of) -> None:
     for (method, key, backbone), cols in by_method.items():
         cells = [Cell(cols[c].value, cols[c].err) if c in cols else Cell() for c in table.columns]
         table.add(f"{method} (published, {backbone})", cells, role="published", key=key)
-        for row in (r for r in measured if r.key == key):
+        for row in (r for r in measured if r.key in key_names(key)):
             deltas = [Cell(m.mean - p.mean) if m.mean is not None and p.mean is not None
                       else Cell() for m, p in zip(row.cells, cells)]
             if any(d.mean is not None for d in deltas):

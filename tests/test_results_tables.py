@@ -56,7 +56,8 @@ def test_reference_rows_load_and_are_sourced():
         rows = reference.select(refs, protocol="domainbed", key=key)
         assert {r.dataset for r in rows} - {"Average"} == datasets
     b2n = reference.select(refs, protocol="base2new")
-    assert {r.key for r in b2n} == {"ZSCLIP", "CoOp", "CoCoOp", "MaPLe", "PromptSRC"}
+    assert {r.key for r in b2n} == {"ZSCLIP", "CoOp;CoOpHarness", "CoCoOp;CoCoOpHarness",
+                                    "MaPLe", "PromptSRC"}
     for key in {r.key for r in b2n}:
         for dataset in {r.dataset for r in b2n}:
             v = {r.metric: r.value for r in b2n if r.key == key and r.dataset == dataset}
