@@ -20,6 +20,8 @@ if "CLIPBENCH_CACHE" not in os.environ:
     import tempfile
     os.environ["CLIPBENCH_CACHE"] = tempfile.mkdtemp(prefix="clipbench-test-cache-")
 
+from tests import entry_points  # noqa: E402  (after the environment above: its server's)
+
 
 def upstream_missing(name: str, module: str):
     """Skip reason when an upstream is not installed at its pin in third_party/."""
@@ -56,12 +58,12 @@ def tiny_clip():
 # the longest modules (pytest --durations, 2 cores), started first under pytest-xdist
 # (`make test`: --dist loadfile --no-loadscope-reorder) so that the workers end together;
 # only the order of modules changes, and only under xdist
-LONGEST_FIRST = ("test_upstream_prompt_learners", "test_faults_domainbed", "test_coop_protocols",
-                 "test_slurm_launcher", "test_weight_averaging", "test_wise_ft",
-                 "test_adapters_tip_clip",
-                 "test_integration_coop", "test_integration_domainbed", "test_faults_coop",
-                 "test_faults_pretraining", "test_imsep_train", "test_compare_pretraining",
-                 "test_open_world", "test_domain_gap", "test_calip")
+LONGEST_FIRST = ("test_coop_protocols", "test_faults_domainbed", "test_slurm_launcher",
+                 "test_upstream_prompt_learners", "test_faults_coop", "test_imsep_train",
+                 "test_calip", "test_faults_pretraining", "test_compare_pretraining",
+                 "test_integration_domainbed", "test_open_world", "test_upstream_domainbed_suite",
+                 "test_adapters_tip_clip", "test_tiny_clip_pretraining", "test_clip_benchmark",
+                 "test_integration_coop", "test_domain_gap")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -70,9 +72,16 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable
 
 
-def run(cmd, cwd=REPO, env=None, timeout=600):
+def run(cmd, cwd=REPO, env=None, timeout=600, fresh=False):
+    """subprocess.run(cmd, ...) with output captured as text. A `python -m X` or `python
+    script.py` run goes to a forked child of a server that imported torch, open_clip,
+    DomainBed and Dassl once (tests/entry_points.py: the same run without the interpreter
+    start); `fresh=True`, `-c` code and runs that change interpreter variables start a
+    real process."""
     import subprocess
     full_env = dict(os.environ, **(env or {}))
+    if not fresh and entry_points.can_fork(cmd, full_env):
+        return entry_points.run_forked(cmd, cwd, full_env, timeout)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
 

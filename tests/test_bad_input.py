@@ -9,8 +9,9 @@ results file or checkpoint was left. A control case runs the same command on goo
 input and finishes.
 
 Entry points run in forked children of one server process that imported torch,
-open_clip, DomainBed and Dassl once: each case pays for its own work, not for an
-interpreter start (runpy, `__main__`, its own argv, cwd, environment and output files).
+open_clip, DomainBed and Dassl once (tests/entry_points.py): each case pays for its own
+work, not for an interpreter start (runpy, `__main__`, its own argv, cwd, environment and
+output files).
 Cases that need no entry point (every torch.load of the harness is weights_only, a
 malicious pickle never runs, malformed YAML of the harness's own files) follow the table.
 """
@@ -18,18 +19,15 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import pickle
-import select
-import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 
-from tests.conftest import PY, REPO, needs_coop, needs_domainbed
+from tests.conftest import REPO, needs_coop, needs_domainbed
+from tests.entry_points import EntryPoints
 
 TINY_HP = {"clip_model": "tiny-vit", "clip_pretrained": "", "templates": "photo",
            "batch_size": 2}
@@ -38,119 +36,9 @@ CHILD_ENV = {"CLIPBENCH_NUM_WORKERS": "0", "CLIPBENCH_CACHE": "off",
 
 # --------------------------------------------------------------------------- the runner
 
-SERVER = r"""
-import json, os, runpy, sys, warnings
-for name in sys.argv[1:]:
-    try:
-        __import__(name)
-    except Exception as e:  # an upstream that is not installed: its cases are skipped
-        print(f"preload {name}: {e}", file=sys.stderr)
-try:  # CoOp's train.py prints Dassl's environment report: 2.5 s of `pip list` per run
-    import dassl.utils
-    dassl.utils.collect_env_info = lambda: "(not collected in tests/test_bad_input.py)"
-except ImportError:
-    pass
-print("ready", flush=True)
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.chdir(job["cwd"])
-            os.environ.update(job["env"])
-            for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
-                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-            warnings.filterwarnings("ignore", message=".*found in sys.modules after import")
-            sys.argv = [job["target"], *job["argv"]]
-            try:
-                if job["target"].endswith(".py"):
-                    sys.path.insert(0, os.path.dirname(os.path.abspath(job["target"])))
-                    runpy.run_path(job["target"], run_name="__main__")
-                else:
-                    runpy.run_module(job["target"], run_name="__main__", alter_sys=True)
-                code = 0
-            except SystemExit as e:  # as the interpreter handles it
-                if e.code is None or isinstance(e.code, int):
-                    code = e.code or 0
-                else:
-                    print(e.code, file=sys.stderr)
-                    code = 1
-            except BaseException:
-                sys.excepthook(*sys.exc_info())  # to sys.stderr, as an uncaught exception
-                code = 1
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    print(json.dumps({"pid": pid}), flush=True)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
-"""
-PRELOAD = ["torch", "torchvision", "open_clip", "yaml", "algorithms.backbone",
-           "algorithms.core.registry", "domainbed.scripts.train", "domainbed.scripts.sweep",
-           "dassl.config", "dassl.data", "dassl.engine", "trainers.dassl_adapter",
-           "trainers.coop_runner", "pretraining.evaluate", "results.collect"]
-
-
-@dataclass
-class Result:
-    rc: int
-    stdout: str
-    stderr: str
-
-    @property
-    def last_error_line(self) -> str:
-        lines = [line for line in self.stderr.splitlines() if line.strip()]
-        return lines[-1] if lines else ""
-
-    @property
-    def last_output_line(self) -> str:
-        lines = [line for line in (self.stdout + "\n" + self.stderr).splitlines() if line.strip()]
-        return lines[-1] if lines else ""
-
-
-class EntryPoints:
-    """One server process; run() forks a child per entry-point run."""
-
-    def __init__(self, workdir: Path):
-        self.workdir, self.count = workdir, 0
-        self.proc = subprocess.Popen([PY, "-c", SERVER, *PRELOAD], cwd=REPO, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(workdir / "server.err", "w"),
-                                     env=dict(os.environ, **CHILD_ENV))
-        assert self._line(300) == "ready", (workdir / "server.err").read_text()
-
-    def _line(self, timeout) -> Optional[str]:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline().strip() if ready else None
-
-    def run(self, target: str, argv, cwd=REPO, env=None, timeout=180) -> Result:
-        self.count += 1
-        out, err = (self.workdir / f"{self.count}.{s}" for s in ("out", "err"))
-        job = {"target": str(target), "argv": [str(a) for a in argv], "cwd": str(cwd),
-               "env": {**CHILD_ENV, **(env or {})}, "stdout": str(out), "stderr": str(err)}
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        pid = json.loads(self._line(60))["pid"]
-        reply = self._line(timeout)
-        if reply is None:  # a hang (e.g. a loader spinning forever) is a failure too
-            os.kill(pid, signal.SIGKILL)
-            self._line(60)
-            pytest.fail(f"{target} {argv} did not finish in {timeout} s:\n"
-                        f"{err.read_text()[-2000:]}")
-        return Result(json.loads(reply)["rc"], out.read_text(), err.read_text())
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
 @pytest.fixture(scope="module")
 def entry_points(tmp_path_factory):
-    runner = EntryPoints(tmp_path_factory.mktemp("runs"))
+    runner = EntryPoints(tmp_path_factory.mktemp("runs"), env=CHILD_ENV)
     yield runner
     runner.close()
 
