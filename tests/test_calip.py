@@ -4,7 +4,6 @@ mode selects on in both harnesses, the score cache, and DomainBed / train_coop.p
 import json
 import math
 import os
-import subprocess
 import types
 
 import pytest
@@ -14,7 +13,7 @@ from algorithms import calip as cp
 from algorithms import backbone, calip_search
 from algorithms.core.registry import get_method
 from common import env as harness_env
-from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, upstream_missing
+from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, run, upstream_missing
 
 CLASSES = ["circle", "square", "star"]
 E = math.e
@@ -315,43 +314,33 @@ def _coop(trainer, world, out, *extra):
             "--output-dir", str(out), *extra]
 
 
-def _finish(proc, timeout=300):
-    stdout, stderr = proc.communicate(timeout=timeout)
-    return types.SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
-
-
 @pytest.fixture(scope="module")
 def runs(small_world, tmp_path_factory):
     """One DomainBed job of CALIP and train_coop.py runs of CALIP and CALIPFS (base, then
-    CALIPFS reloaded on new classes); independent runs go at the same time."""
+    CALIPFS reloaded on new classes), one after the other (tests.conftest.run)."""
     tmp = tmp_path_factory.mktemp("calip_runs")
-    # one thread each: the runs share the machine's cores
-    env = dict(os.environ, **{harness_env.CACHE: str(tmp / "cache"), "OMP_NUM_THREADS": "1"})
-    start = lambda cmd, cwd=REPO: subprocess.Popen(  # noqa: E731
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    procs, results = {}, {"dir": tmp}
+    env = {harness_env.CACHE: str(tmp / "cache")}
+    results = {"dir": tmp}
     if not upstream_missing("DomainBed", "domainbed"):
         hparams = {**TINY, "beta_grid": 50}
-        procs["domainbed"] = start([PY, "-m", "domainbed.scripts.train", "--algorithm", "CALIP",
+        results["domainbed"] = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "CALIP",
                                     "--dataset", "CLIPWorld", "--data_dir",
                                     small_world["domainbed_root"], "--test_envs", "0",
                                     "--steps", "1", "--output_dir", str(tmp / "domainbed"),
-                                    "--hparams", json.dumps(hparams)], cwd=tmp)
-    coop = not (upstream_missing("Dassl.pytorch", "dassl") or upstream_missing("CoOp", "dassl"))
-    if coop:
-        procs["calip"] = start(_coop("CALIP", small_world, tmp / "calip" / "base",
-                                     "DATASET.SUBSAMPLE_CLASSES", "base"))
-        procs["calipfs_base"] = start(_coop("CALIPFS", small_world, tmp / "calipfs" / "base",
+                                    "--hparams", json.dumps(hparams)], cwd=tmp, env=env,
+                                   timeout=300)
+    if not (upstream_missing("Dassl.pytorch", "dassl") or upstream_missing("CoOp", "dassl")):
+        results["calip"] = run(_coop("CALIP", small_world, tmp / "calip" / "base",
+                                     "DATASET.SUBSAMPLE_CLASSES", "base"), env=env, timeout=300)
+        results["calipfs_base"] = run(_coop("CALIPFS", small_world, tmp / "calipfs" / "base",
                                             "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "2",
-                                            "DATASET.SUBSAMPLE_CLASSES", "base"))
-        results["calipfs_base"] = _finish(procs.pop("calipfs_base"))
+                                            "DATASET.SUBSAMPLE_CLASSES", "base"), env=env,
+                                      timeout=300)
         if results["calipfs_base"].returncode == 0:
-            procs["calipfs_new"] = start(_coop(
+            results["calipfs_new"] = run(_coop(
                 "CALIPFS", small_world, tmp / "calipfs" / "new", "--eval-only", "--model-dir",
                 str(tmp / "calipfs" / "base"), "--load-epoch", "2",
-                "DATASET.SUBSAMPLE_CLASSES", "new"))
-    for name, proc in procs.items():
-        results[name] = _finish(proc)
+                "DATASET.SUBSAMPLE_CLASSES", "new"), env=env, timeout=300)
     return results
 
 

@@ -8,7 +8,7 @@ import torch
 
 import recipes
 from algorithms.core.registry import get_method
-from tests.conftest import PY, TINY, needs_domainbed, run
+from tests.conftest import TINY, launch_sweep, needs_domainbed
 
 BASE = 5  # CLIPWorld's 10 classes, open_ratio 0.5
 
@@ -54,11 +54,11 @@ def test_sweep_scores_base_and_open_and_the_collector_makes_the_hm_table(small_w
     from results import collect
     out = tmp_path / "sweep"
     hparams = {**TINY, "batch_size": 8, "lr": 1e-4}
-    launched = run([PY, "-m", "domainbed.scripts.sweep", "launch", "--datasets", "CLIPWorldOpen",
-                    "--algorithms", "CLIPood", "--data_dir", small_world["domainbed_root"],
-                    "--output_dir", str(out), "--command_launcher", "local_parallel",
-                    "--n_hparams", "1", "--n_trials", "1", "--single_test_envs", "--steps", "2",
-                    "--hparams", json.dumps(hparams), "--skip_confirmation"], cwd=tmp_path)
+    launched = launch_sweep(["--datasets", "CLIPWorldOpen", "--algorithms", "CLIPood",
+                             "--data_dir", small_world["domainbed_root"], "--output_dir", out,
+                             "--command_launcher", "local_parallel", "--n_hparams", "1",
+                             "--n_trials", "1", "--single_test_envs", "--steps", "2",
+                             "--hparams", json.dumps(hparams), "--skip_confirmation"], tmp_path)
     assert launched.returncode == 0, launched.stderr[-2000:]
     jobs = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(jobs) == 4 and all((j / "done").exists() for j in jobs)
