@@ -89,6 +89,34 @@ def run(cmd, cwd=REPO, env=None, timeout=600, fresh=False):
 PY = sys.executable
 
 
+PETS_CONFIG = THIRD_PARTY / "CoOp" / "configs" / "datasets" / "oxford_pets.yaml"
+CLIP_WORLD_CONFIG = REPO / "trainers" / "configs" / "datasets" / "clip_world.yaml"
+TINY_VIT_CONFIG = REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml"
+
+
+def train_coop(trainer, world, out, *args, dataset=PETS_CONFIG, seed=1, env=None, timeout=300):
+    """`python train_coop.py --trainer TRAINER` on the generated world in CoOp's layout
+    (`dataset`: a Dassl dataset config) with the tiny ViT's config, into `out`; `args`:
+    further flags, then Dassl options (KEY VALUE ...); `seed=None` passes no --seed."""
+    seeded = ["--seed", str(seed)] if seed is not None else []
+    return run([PY, "train_coop.py", "--trainer", trainer, "--root", world["coop_root"],
+                "--dataset-config-file", str(dataset), "--config-file", str(TINY_VIT_CONFIG),
+                *seeded, "--output-dir", str(out), *map(str, args)], env=env, timeout=timeout)
+
+
+def base_then_new(trainer, world, root, *base_options, dataset=PETS_CONFIG):
+    """A base-to-new chain as CoOp's scripts run it: `trainer` trained on 2 shots of the
+    base classes into root/base, then root/new evaluates that run's epoch-1 checkpoint on
+    the new classes. (base result, new result); new is None when the base run failed."""
+    base = train_coop(trainer, world, root / "base", "DATASET.NUM_SHOTS", "2",
+                      "DATASET.SUBSAMPLE_CLASSES", "base", *base_options, dataset=dataset)
+    if base.returncode:
+        return base, None
+    new = train_coop(trainer, world, root / "new", "--eval-only", "--model-dir", root / "base",
+                     "--load-epoch", "1", "DATASET.SUBSAMPLE_CLASSES", "new", dataset=dataset)
+    return base, new
+
+
 def launch_sweep(argv, cwd, env=None):
     """`python -m domainbed.scripts.sweep launch ARGV`, its jobs run by `run` one after
     the other: DomainBed's `dummy` launcher lays the sweep out and prints the train commands.

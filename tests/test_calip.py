@@ -13,7 +13,7 @@ from algorithms import calip as cp
 from algorithms import backbone, calip_search
 from algorithms.core.registry import get_method
 from common import env as harness_env
-from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, run, upstream_missing
+from tests.conftest import PY, TINY, needs_coop, needs_domainbed, run, train_coop, upstream_missing
 
 CLASSES = ["circle", "square", "star"]
 E = math.e
@@ -304,14 +304,6 @@ def test_calipfs_trains_only_its_attention_and_reloads():
 
 # --- DomainBed and train_coop.py runs, started together ------------------------------------
 
-DATASET_CFG = str(REPO / "third_party" / "CoOp" / "configs" / "datasets" / "oxford_pets.yaml")
-
-
-def _coop(trainer, world, out, *extra):
-    cfg = str(REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml")
-    return [PY, "train_coop.py", "--trainer", trainer, "--root", world["coop_root"],
-            "--dataset-config-file", DATASET_CFG, "--config-file", cfg, "--seed", "1",
-            "--output-dir", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -330,17 +322,16 @@ def runs(small_world, tmp_path_factory):
                                     "--hparams", json.dumps(hparams)], cwd=tmp, env=env,
                                    timeout=300)
     if not (upstream_missing("Dassl.pytorch", "dassl") or upstream_missing("CoOp", "dassl")):
-        results["calip"] = run(_coop("CALIP", small_world, tmp / "calip" / "base",
-                                     "DATASET.SUBSAMPLE_CLASSES", "base"), env=env, timeout=300)
-        results["calipfs_base"] = run(_coop("CALIPFS", small_world, tmp / "calipfs" / "base",
-                                            "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "2",
-                                            "DATASET.SUBSAMPLE_CLASSES", "base"), env=env,
-                                      timeout=300)
+        results["calip"] = train_coop("CALIP", small_world, tmp / "calip" / "base",
+                                      "DATASET.SUBSAMPLE_CLASSES", "base", env=env)
+        results["calipfs_base"] = train_coop("CALIPFS", small_world, tmp / "calipfs" / "base",
+                                             "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "2",
+                                             "DATASET.SUBSAMPLE_CLASSES", "base", env=env)
         if results["calipfs_base"].returncode == 0:
-            results["calipfs_new"] = run(_coop(
+            results["calipfs_new"] = train_coop(
                 "CALIPFS", small_world, tmp / "calipfs" / "new", "--eval-only", "--model-dir",
-                str(tmp / "calipfs" / "base"), "--load-epoch", "2",
-                "DATASET.SUBSAMPLE_CLASSES", "new"), env=env, timeout=300)
+                tmp / "calipfs" / "base", "--load-epoch", "2", "DATASET.SUBSAMPLE_CLASSES", "new",
+                env=env)
     return results
 
 

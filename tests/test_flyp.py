@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from algorithms import backbone
 from algorithms.core.registry import get_method
 from algorithms.flyp import contrastive_loss
-from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, run
+from tests.conftest import PY, TINY, base_then_new, needs_coop, needs_domainbed, run
 
 CLASSES = ["circle", "square", "star"]
 BATCH = (torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
@@ -133,16 +133,8 @@ def test_domainbed_job_trains_the_whole_clip(small_world, tmp_path):
 
 @needs_coop
 def test_dassl_run_trains_and_evaluates_on_new_classes(small_world, tmp_path):
-    config = str(REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml")
-    dataset = str(REPO / "third_party" / "CoOp" / "configs" / "datasets" / "oxford_pets.yaml")
-    common = ["--trainer", "FLYP", "--root", small_world["coop_root"],
-              "--dataset-config-file", dataset, "--config-file", config, "--seed", "1"]
-    base = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "base"),
-                "DATASET.NUM_SHOTS", "2", "DATASET.SUBSAMPLE_CLASSES", "base"], timeout=300)
+    base, new = base_then_new("FLYP", small_world, tmp_path)
     assert base.returncode == 0, base.stderr[-3000:]
-    new = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "new"), "--eval-only",
-               "--model-dir", str(tmp_path / "base"), "--load-epoch", "1",
-               "DATASET.SUBSAMPLE_CLASSES", "new"], timeout=300)
     assert new.returncode == 0, new.stderr[-3000:]
     record = json.loads((tmp_path / "new" / "results.json").read_text())
     assert record["trainer"] == "FLYP" and record["subsample_classes"] == "new"

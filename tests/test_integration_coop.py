@@ -3,24 +3,16 @@ dataset classes on the generated world in CoOp's OxfordPets layout."""
 import json
 import re
 
-from tests.conftest import PY, REPO, needs_coop, run
+from tests.conftest import CLIP_WORLD_CONFIG, PY, REPO, base_then_new, needs_coop, run, train_coop
 
 pytestmark = needs_coop
-DATASET_CFG = str(REPO / "third_party" / "CoOp" / "configs" / "datasets" / "oxford_pets.yaml")
-TRAINER_CFG = str(REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml")
-
-
-def train_coop(world, out, *extra):
-    return run([PY, "train_coop.py", "--trainer", "ZSCLIP", "--root", world["coop_root"],
-                "--dataset-config-file", DATASET_CFG, "--config-file", TRAINER_CFG,
-                "--output-dir", str(out), *extra], timeout=300)
 
 
 def test_base_and_new_print_parseable_accuracy(small_world, tmp_path):
-    base = train_coop(small_world, tmp_path / "base" / "seed1", "--seed", "1",
+    base = train_coop("ZSCLIP", small_world, tmp_path / "base" / "seed1",
                       "DATASET.NUM_SHOTS", "4", "DATASET.SUBSAMPLE_CLASSES", "base")
     assert base.returncode == 0, base.stderr[-3000:]
-    new = train_coop(small_world, tmp_path / "new" / "seed1", "--seed", "1", "--eval-only",
+    new = train_coop("ZSCLIP", small_world, tmp_path / "new" / "seed1", "--eval-only",
                      "--model-dir", str(tmp_path / "base" / "seed1"), "--load-epoch", "1",
                      "DATASET.SUBSAMPLE_CLASSES", "new")
     assert new.returncode == 0, new.stderr[-3000:]
@@ -37,37 +29,28 @@ def test_base_and_new_print_parseable_accuracy(small_world, tmp_path):
 
 
 def test_seed_zero_is_honoured(small_world, tmp_path):
-    result = train_coop(small_world, tmp_path / "s0", "--seed", "0", "--eval-only")
+    result = train_coop("ZSCLIP", small_world, tmp_path / "s0", "--eval-only", seed=0)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Setting fixed seed: 0" in result.stdout
     assert json.loads((tmp_path / "s0" / "results.json").read_text())["seed"] == 0
 
 
 def test_unknown_trainer_is_one_line_error(small_world, tmp_path):
-    result = run([PY, "train_coop.py", "--trainer", "ZSCLIPP", "--root", small_world["coop_root"],
-                  "--dataset-config-file", DATASET_CFG, "--config-file", TRAINER_CFG,
-                  "--output-dir", str(tmp_path / "x")], timeout=300)
+    result = train_coop("ZSCLIPP", small_world, tmp_path / "x", seed=None)
     assert result.returncode == 1
     assert "error: ValueError" in result.stderr and "ZSCLIP" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_alignclip_trains_on_base_and_evaluates_on_new(small_world, tmp_path):
-    cfg = TRAINER_CFG
-    common = ["--trainer", "AlignCLIP", "--root", small_world["coop_root"],
-              "--dataset-config-file", DATASET_CFG, "--config-file", cfg, "--seed", "1"]
-    base = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "base"),
-                "DATASET.NUM_SHOTS", "2", "DATASET.SUBSAMPLE_CLASSES", "base"], timeout=300)
+    base, new = base_then_new("AlignCLIP", small_world, tmp_path)
     assert base.returncode == 0, base.stderr[-3000:]
     assert (tmp_path / "base" / "model" / "model.pth.tar-1").is_file()
-    new = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "new"), "--eval-only",
-               "--model-dir", str(tmp_path / "base"), "--load-epoch", "1",
-               "DATASET.SUBSAMPLE_CLASSES", "new"], timeout=300)
     assert new.returncode == 0, new.stderr[-3000:]
     assert "Loaded" in new.stdout and "* accuracy:" in new.stdout
-    missing = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "bad"), "--eval-only",
-                   "--model-dir", str(tmp_path / "base"), "--load-epoch", "7",
-                   "DATASET.SUBSAMPLE_CLASSES", "new"], timeout=300)
+    missing = train_coop("AlignCLIP", small_world, tmp_path / "bad", "--eval-only",
+                         "--model-dir", tmp_path / "base", "--load-epoch", "7",
+                         "DATASET.SUBSAMPLE_CLASSES", "new")
     assert missing.returncode == 1 and "no checkpoint at" in missing.stderr
     assert not (tmp_path / "bad" / "results.json").exists()
 
@@ -76,21 +59,17 @@ def test_clip_world_is_a_dassl_dataset_with_domains_shots_and_base_new(small_wor
     """DATASET.NAME CLIPWorld: source domains in train, target domains in test,
     few-shot sampling and CoOp's base/new subsampling."""
     split = json.loads(open(small_world["coop_clip_world_split"]).read())
-    cfg = str(REPO / "trainers" / "configs" / "datasets" / "clip_world.yaml")
-    result = run([PY, "train_coop.py", "--trainer", "ZSCLIP", "--root", small_world["coop_root"],
-                  "--dataset-config-file", cfg, "--config-file", TRAINER_CFG, "--seed", "1",
-                  "--output-dir", str(tmp_path / "cw"), "DATASET.NUM_SHOTS", "2",
-                  "DATASET.SUBSAMPLE_CLASSES", "base", "DATASET.SOURCE_DOMAINS", "['photo']",
-                  "DATASET.TARGET_DOMAINS", "['painting']"], timeout=300)
+    result = train_coop("ZSCLIP", small_world, tmp_path / "cw", "DATASET.NUM_SHOTS", "2",
+                        "DATASET.SUBSAMPLE_CLASSES", "base", "DATASET.SOURCE_DOMAINS", "['photo']",
+                        "DATASET.TARGET_DOMAINS", "['painting']", dataset=CLIP_WORLD_CONFIG)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "cw" / "results.json").read_text())
     assert record["dataset"] == "CLIPWorld" and record["num_classes"] == 5
     painting_base = [i for i in split["test"] if i[3] == "painting" and i[1] < 5]
     counts = dict(re.findall(r"^# (train_x|test)\s+(\d+)\s*$", result.stdout, re.M))
     assert counts == {"train_x": str(5 * 2), "test": str(len(painting_base))}  # 2 shots, photo
-    bad = run([PY, "train_coop.py", "--trainer", "ZSCLIP", "--root", str(tmp_path / "nowhere"),
-               "--dataset-config-file", cfg, "--config-file", TRAINER_CFG,
-               "--output-dir", str(tmp_path / "bad")], timeout=300)
+    bad = train_coop("ZSCLIP", {"coop_root": str(tmp_path / "nowhere")}, tmp_path / "bad",
+                     dataset=CLIP_WORLD_CONFIG, seed=None)
     assert bad.returncode == 1 and "CLIPWorld: cannot read" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -112,11 +91,9 @@ def test_coops_own_trainer_runs_beside_the_harness_trainers(small_world, tmp_pat
     weights from CLIPBENCH_OPENAI_CLIP_DIR: it writes results.json like the harness's."""
     weights = tiny_openai_clip(tmp_path / "openai")
     out = tmp_path / "zs"
-    result = run([PY, "train_coop.py", "--trainer", "ZeroshotCLIP", "--root", small_world["coop_root"],
-                  "--dataset-config-file", DATASET_CFG, "--config-file", TRAINER_CFG,
-                  "--output-dir", str(out), "--seed", "1", "--eval-only",
-                  "MODEL.BACKBONE.NAME", "ViT-B/16"],
-                 env={"CLIPBENCH_OPENAI_CLIP_DIR": str(weights)}, timeout=300)
+    result = train_coop("ZeroshotCLIP", small_world, out, "--eval-only",
+                        "MODEL.BACKBONE.NAME", "ViT-B/16",
+                        env={"CLIPBENCH_OPENAI_CLIP_DIR": str(weights)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Loading OpenAI CLIP weights from {weights / 'ViT-B-16.pt'}" in result.stdout
     record = json.loads((out / "results.json").read_text())

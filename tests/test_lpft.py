@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from algorithms.core.registry import get_method
 from algorithms.lpft import StagedTrainingState, lp_steps
-from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, run
+from tests.conftest import PY, TINY, needs_coop, needs_domainbed, run, train_coop
 
 CLASSES = ["circle", "square", "star"]
 BATCH = (torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
@@ -125,13 +125,8 @@ def test_domainbed_job_records_the_split(small_world, tmp_path):
 
 @needs_coop
 def test_dassl_run_trains_and_saves_both_stages(small_world, tmp_path):
-    config = str(REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml")
-    dataset = str(REPO / "third_party" / "CoOp" / "configs" / "datasets" / "oxford_pets.yaml")
-    result = run([PY, "train_coop.py", "--trainer", "LPFT", "--root", small_world["coop_root"],
-                  "--dataset-config-file", dataset, "--config-file", config, "--seed", "1",
-                  "--output-dir", str(tmp_path / "run"), "DATASET.NUM_SHOTS", "2",
-                  "DATASET.SUBSAMPLE_CLASSES", "base", "TRAINER.LPFT.LP_INIT", "zeroshot"],
-                 timeout=300)
+    result = train_coop("LPFT", small_world, tmp_path / "run", "DATASET.NUM_SHOTS", "2",
+                        "DATASET.SUBSAMPLE_CLASSES", "base", "TRAINER.LPFT.LP_INIT", "zeroshot")
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record["trainer"] == "LPFT" and 0.0 <= record["metrics"]["accuracy"] <= 100.0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from algorithms import miro
 from algorithms.backbone.taps import encode_image_layers, stage_ends
 from algorithms.core.registry import get_method
-from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, run
+from tests.conftest import PY, TINY, needs_coop, needs_domainbed, run, train_coop
 
 CLASSES = ["circle", "square", "star"]
 BATCH = (torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
@@ -131,13 +131,8 @@ def test_domainbed_job_on_the_generated_world(small_world, tmp_path):
 @needs_coop
 def test_dassl_run_on_the_generated_world(small_world, tmp_path):
     out = tmp_path / "base"
-    result = run([PY, "train_coop.py", "--trainer", "MIRO", "--root", small_world["coop_root"],
-                  "--dataset-config-file",
-                  str(REPO / "third_party" / "CoOp" / "configs" / "datasets" / "oxford_pets.yaml"),
-                  "--config-file", str(REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml"),
-                  "--output-dir", str(out), "--seed", "1", "DATASET.NUM_SHOTS", "2",
-                  "DATASET.SUBSAMPLE_CLASSES", "base", "TRAINER.MIRO.MI_LAMBDA", "1.0"],
-                 timeout=300)
+    result = train_coop("MIRO", small_world, out, "DATASET.NUM_SHOTS", "2",
+                        "DATASET.SUBSAMPLE_CLASSES", "base", "TRAINER.MIRO.MI_LAMBDA", "1.0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model" / "model.pth.tar-1").is_file()
     record = json.loads((out / "results.json").read_text())

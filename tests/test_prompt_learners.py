@@ -15,7 +15,8 @@ from algorithms.coop import (PromptLearner, assemble_prompts, class_token_order,
                              encode_prompts, prompt_template)
 from algorithms.core.registry import get_method
 from algorithms.kgcoop import knowledge_distance
-from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, run
+from tests.conftest import (CLIP_WORLD_CONFIG, PY, REPO, TINY, base_then_new, needs_coop,
+                            needs_domainbed, run)
 
 CLASSES = ["circle", "square", "big star"]
 BATCH = (torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
@@ -195,17 +196,9 @@ def test_domainbed_job_trains_only_the_prompt(small_world, tmp_path):
 
 @needs_coop
 def test_dassl_base_to_new_chain(small_world, tmp_path):
-    config = str(REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml")
-    dataset = str(REPO / "trainers" / "configs" / "datasets" / "clip_world.yaml")
-    common = ["--trainer", "CoCoOpHarness", "--root", small_world["coop_root"],
-              "--dataset-config-file", dataset, "--config-file", config, "--seed", "1"]
-    base = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "base"),
-                "DATASET.NUM_SHOTS", "2", "DATASET.SUBSAMPLE_CLASSES", "base"], timeout=300)
+    base, new = base_then_new("CoCoOpHarness", small_world, tmp_path, dataset=CLIP_WORLD_CONFIG)
     assert base.returncode == 0, base.stderr[-3000:]
     assert (tmp_path / "base" / "model" / "model.pth.tar-1").is_file()
-    new = run([PY, "train_coop.py", *common, "--output-dir", str(tmp_path / "new"), "--eval-only",
-               "--model-dir", str(tmp_path / "base"), "--load-epoch", "1",
-               "DATASET.SUBSAMPLE_CLASSES", "new"], timeout=300)
     assert new.returncode == 0, new.stderr[-3000:]
     records = {s: json.loads((tmp_path / s / "results.json").read_text()) for s in ("base", "new")}
     assert records["base"]["subsample_classes"] == "base" and records["new"]["subsample_classes"] == "new"

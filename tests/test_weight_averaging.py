@@ -9,7 +9,7 @@ import torch
 
 from algorithms.core import averaging as avg
 from algorithms.core.registry import get_method, methods
-from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, run
+from tests.conftest import PY, TINY, needs_coop, needs_domainbed, run, train_coop
 
 # a made-up loss per segment s1..s15: falls to s5, a valley to s9, then rises
 LOSSES = [5.0, 4.0, 3.0, 2.0, 1.0, 1.2, 1.1, 1.05, 1.3, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5]
@@ -177,13 +177,9 @@ def test_domainbed_job_with_swad(small_world, tmp_path):
 
 @needs_coop
 def test_dassl_run_with_ema(small_world, tmp_path):
-    config = str(REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml")
-    dataset = str(REPO / "third_party" / "CoOp" / "configs" / "datasets" / "oxford_pets.yaml")
-    result = run([PY, "train_coop.py", "--trainer", "CLIPFT", "--root", small_world["coop_root"],
-                  "--dataset-config-file", dataset, "--config-file", config, "--seed", "1",
-                  "--output-dir", str(tmp_path / "run"), "DATASET.NUM_SHOTS", "2",
-                  "DATASET.SUBSAMPLE_CLASSES", "base", "TRAINER.CLIPFT.AVERAGING", "ema",
-                  "TRAINER.CLIPFT.EMA_DECAY", "0.5"], timeout=300)
+    result = train_coop("CLIPFT", small_world, tmp_path / "run", "DATASET.NUM_SHOTS", "2",
+                        "DATASET.SUBSAMPLE_CLASSES", "base", "TRAINER.CLIPFT.AVERAGING", "ema",
+                        "TRAINER.CLIPFT.EMA_DECAY", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record["run"]["config"]["averaging"] == "ema"
