@@ -11,7 +11,6 @@ Documentation: docs/methods/clipft.md (averaging: docs/methods/weight_averaging.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import nn
 
 from algorithms.core.averaging import averaging_hparams
 from algorithms.core.hparams import HParams, choice, fixed, log_uniform
@@ -69,13 +68,10 @@ class VisualFinetuner(CLIPMethod):
     def trainable_parameters(self):
         return self.visual.parameters()
 
-    def eval_visual(self) -> nn.Module:
-        """The image tower; inside `averaged_weights()` it holds the average."""
-        return self.visual
-
     def encode_image(self, images):
-        """Normalised features of the encoder that predicts (the average when on)."""
-        return F.normalize(self.run_encoder(self.eval_visual(), images), dim=-1)
+        """Normalised features of the image tower (inside `averaged_weights()`, which the
+        method core wraps this in, it holds the average when there is one)."""
+        return F.normalize(self.run_encoder(self.visual, images), dim=-1)
 
     def predict(self, images):
         return self.logit_scale * self.encode_image(images) @ self.class_embeddings.T

@@ -63,13 +63,12 @@ def patch_foreground(mask: np.ndarray, grid: int) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_maps(method, images, layers, batch=64):
-    visual = method.eval_visual() if hasattr(method, "eval_visual") else method.clip.visual
     averaged = getattr(method, "averaged_weights", contextlib.nullcontext)
     maps = []
     with averaged():  # the weights the method predicts with (its average, if any)
         for start in range(0, len(images), batch):
             taps = backbone.encode_image_taps(method.clip, images[start:start + batch],
-                                                   attn_layers=layers, visual=visual)
+                                              attn_layers=layers)
             maps.append(layer_averaged_attention([taps.cls_attn[i] for i in layers]))
     return torch.cat(maps)
 
