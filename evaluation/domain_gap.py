@@ -33,14 +33,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from algorithms.core.hparams import PRECISIONS
 from common import cli
 from common.files import atomic_path, write_json_atomic
 from common.records import in_domain_accuracy, read_domainbed_job
 from common.run_facts import file_digest, run_facts
+from evaluation.saved_jobs import create_method, method_state, method_values
 
 RECORD = "domain_gap.json"
 FIGURE = "domain_gap_tsne.png"
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def tllib_analysis():
@@ -83,27 +84,14 @@ def accuracies(job: Path, test_env: int) -> dict:
             "in_domain_acc": in_domain_accuracy(last), "step": last.get("step")}
 
 
-def method_values(method_cls, hparams: dict, precision: str) -> dict:
-    """The job's method configuration (its run facts' `config`, else its declared
-    hyperparameters in the saved dict) at the precision asked for."""
-    facts = hparams.get("run") if isinstance(hparams.get("run"), dict) else {}
-    declared = method_cls.hparams()
-    values = dict(facts.get("config") or {k: v for k, v in hparams.items() if k in declared})
-    return {**{k: v for k, v in values.items() if k in declared}, "precision": precision}
-
-
 def rebuild(saved: dict, device: str, precision: str):
     """The job's trained method, rebuilt on `device` at `precision` from model.pkl."""
     from algorithms.core.registry import get_method
     hparams = saved["model_hparams"]
     method_cls = get_method(saved["args"]["algorithm"])
-    method = method_cls.create(hparams["class_names"], method_values(method_cls, hparams,
-                                                                     precision),
-                               device=device, total_steps=hparams.get("total_steps"),
-                               train_classes=hparams.get("train_classes"))
-    prefix = "method."
-    method.load_state_dict({k[len(prefix):]: v for k, v in saved["model_dict"].items()
-                            if k.startswith(prefix)})
+    method = create_method(method_cls, hparams, method_values(method_cls, hparams, precision),
+                           device)
+    method.load_state_dict(method_state(saved))
     return method
 
 

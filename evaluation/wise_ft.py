@@ -25,13 +25,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from algorithms.core.hparams import PRECISIONS
 from common import cli
 from common.files import staged_dir
 from common.records import read_domainbed_job
 from common.run_facts import file_digest, run_facts
+from evaluation.saved_jobs import create_method, method_state, method_values
 
 SUFFIX = "-WiSE-FT"
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 EVAL_BATCH = 64  # train.py's evaluation batch
 
 
@@ -95,13 +96,6 @@ def job_splits(args: dict, hparams: dict, data_dir: str | None):
     return named, dataset
 
 
-def method_values(method_cls, hparams: dict, precision: str) -> dict:
-    """The job's method configuration (its run facts' `config`) at `precision`."""
-    declared = method_cls.hparams()
-    config = hparams["run"].get("config") or {}
-    return {**{k: v for k, v in config.items() if k in declared}, "precision": precision}
-
-
 def evaluate_job(job: Path, method_cls, alphas, device: str, precision: str,
                  data_dir: str | None = None) -> list[dict]:
     """One DomainBed record per alpha for the finished job `job`."""
@@ -116,19 +110,16 @@ def evaluate_job(job: Path, method_cls, alphas, device: str, precision: str,
     args, hparams = dict(saved["args"]), dict(saved["model_hparams"])
     source = check_facts(hparams.get("run"), f"{job / 'model.pkl'}: model_hparams.run")
     resolved = choose_precision(precision, device)
-    method = method_cls.create(
-        hparams["class_names"],
+    method = create_method(
+        method_cls, hparams,
         wise_ft.zero_shot_values(method_cls, method_values(method_cls, hparams, resolved)),
-        device=device, total_steps=hparams.get("total_steps"),
-        train_classes=hparams.get("train_classes"))
+        device)
     if method.weights_digest != source["weights_digest"]:
         raise cli.InputError(
             f"the zero-shot endpoint is not the CLIP the job started from (weights "
             f"{method.weights_digest} vs recorded {source['weights_digest']}): a randomly "
             "initialised CLIP (clip_pretrained '') cannot be rebuilt, nor a changed file")
-    prefix = "method."
-    ensemble = wise_ft.WeightSpaceEnsemble(method, {
-        k[len(prefix):]: v for k, v in saved["model_dict"].items() if k.startswith(prefix)})
+    ensemble = wise_ft.WeightSpaceEnsemble(method, method_state(saved))
     splits, dataset = job_splits(args, hparams, data_dir)
     loaders = [(name, torch.utils.data.DataLoader(split, batch_size=EVAL_BATCH, shuffle=False,
                                                   num_workers=dataset.N_WORKERS))
