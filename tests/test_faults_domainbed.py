@@ -5,12 +5,11 @@ the collected records equal those of an uninterrupted sweep (same count, no dupl
 same accuracies: the same seeds give the same records on CPU)."""
 import json
 import os
-import shlex
 
 import pytest
 
 from tests import faults
-from tests.conftest import PY, TINY, needs_domainbed, run
+from tests.conftest import PY, TINY, launch_sweep, needs_domainbed, run
 
 pytestmark = [needs_domainbed, faults.needs_proc]
 
@@ -21,12 +20,16 @@ ENV = {"CLIPBENCH_PARALLEL_JOBS": "2", "CLIPBENCH_NUM_WORKERS": "0", "CLIPBENCH_
 TIMING = ("step_time", "mem_gb")  # wall-clock and memory: not results
 
 
-def sweep(command, world, out, launcher="local_parallel"):
-    return [PY, "-m", "domainbed.scripts.sweep", command, "--datasets", "CLIPWorld",
-            "--algorithms", "CLIPFT", "--data_dir", world["domainbed_root"],
-            "--output_dir", str(out), "--command_launcher", launcher,
+def sweep_args(world, out):
+    return ["--datasets", "CLIPWorld", "--algorithms", "CLIPFT",
+            "--data_dir", world["domainbed_root"], "--output_dir", str(out),
+            "--command_launcher", "local_parallel",
             "--n_hparams", "1", "--n_trials", "1", "--single_test_envs", "--steps", str(STEPS),
             "--hparams", json.dumps(HPARAMS, sort_keys=True), "--skip_confirmation"]
+
+
+def sweep(command, world, out):
+    return [PY, "-m", "domainbed.scripts.sweep", command, *sweep_args(world, out)]
 
 
 def results(record: dict) -> str:
@@ -57,24 +60,15 @@ def done(sweep_dir) -> set:
 
 @pytest.fixture(scope="module")
 def reference(small_world, tmp_path_factory):
-    """An uninterrupted sweep: DomainBed's sweep lays out the 4 CLIPFT jobs (each domain
-    held out once; its `dummy` launcher prints their commands), then each command runs to
-    its end, one after the other, with the torch threads local_parallel gives a job."""
+    """An uninterrupted sweep: the same 4 CLIPFT jobs (each domain held out once), laid out
+    by DomainBed's sweep and run to their end one after the other (conftest.launch_sweep),
+    with the torch threads local_parallel gives a job."""
     root = tmp_path_factory.mktemp("reference")
-    laid_out = run(sweep("launch", small_world, root / "sweep", launcher="dummy"), cwd=root,
-                   env=ENV)
-    assert laid_out.returncode == 0, laid_out.stderr[-2000:]
-    commands = [line.split("Dummy launcher: ", 1)[1] for line in laid_out.stdout.splitlines()
-                if line.startswith("Dummy launcher: ")]
-    assert len(commands) == 4
     threads = str(max(1, (os.cpu_count() or 1) // int(ENV["CLIPBENCH_PARALLEL_JOBS"])))
-    for command in commands:
-        tokens = shlex.split(command)
-        assert tokens[:3] == ["python", "-m", "domainbed.scripts.train"], command
-        job = run([PY, *tokens[1:]], cwd=root,
-                  env={**ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
-        assert job.returncode == 0, (job.stdout + job.stderr)[-2000:]
-    assert len(done(root / "sweep")) == 4
+    launched = launch_sweep(sweep_args(small_world, root / "sweep"), root,
+                            env={**ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    assert launched.returncode == 0, (launched.stdout + launched.stderr)[-2000:]
+    assert len(done(root / "sweep")) == len(jobs(root / "sweep")) == 4
     return root / "sweep"
 
 
