@@ -89,6 +89,23 @@ def run(cmd, cwd=REPO, env=None, timeout=600, fresh=False):
 PY = sys.executable
 
 
+def train_domainbed(algorithm, world, out, hparams, *args, cwd=None, env=None, timeout=600):
+    """`python -m domainbed.scripts.train --algorithm ALGORITHM` on the generated world
+    (CLIPWorld) into `out` with `hparams`; `args`: further flags (--test_envs, --steps,
+    ...); run in `cwd` (default: the folder holding `out`)."""
+    import json
+    return run([PY, "-m", "domainbed.scripts.train", "--algorithm", algorithm,
+                "--dataset", "CLIPWorld", "--data_dir", world["domainbed_root"],
+                *map(str, args), "--output_dir", str(out), "--hparams", json.dumps(hparams)],
+               cwd=cwd or Path(out).parent, env=env, timeout=timeout)
+
+
+def job_records(job) -> list:
+    """Every record of a DomainBed job's results.jsonl (a corrupt line fails the test)."""
+    import json
+    return [json.loads(line) for line in (Path(job) / "results.jsonl").read_text().splitlines()]
+
+
 PETS_CONFIG = THIRD_PARTY / "CoOp" / "configs" / "datasets" / "oxford_pets.yaml"
 CLIP_WORLD_CONFIG = REPO / "trainers" / "configs" / "datasets" / "clip_world.yaml"
 TINY_VIT_CONFIG = REPO / "trainers" / "configs" / "backbones" / "tiny_vit.yaml"

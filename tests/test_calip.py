@@ -13,7 +13,8 @@ from algorithms import calip as cp
 from algorithms import backbone, calip_search
 from algorithms.core.registry import get_method
 from common import env as harness_env
-from tests.conftest import PY, TINY, needs_coop, needs_domainbed, run, train_coop, upstream_missing
+from tests.conftest import (TINY, needs_coop, needs_domainbed, train_coop, train_domainbed,
+                            upstream_missing)
 
 CLASSES = ["circle", "square", "star"]
 E = math.e
@@ -315,12 +316,9 @@ def runs(small_world, tmp_path_factory):
     results = {"dir": tmp}
     if not upstream_missing("DomainBed", "domainbed"):
         hparams = {**TINY, "beta_grid": 50}
-        results["domainbed"] = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "CALIP",
-                                    "--dataset", "CLIPWorld", "--data_dir",
-                                    small_world["domainbed_root"], "--test_envs", "0",
-                                    "--steps", "1", "--output_dir", str(tmp / "domainbed"),
-                                    "--hparams", json.dumps(hparams)], cwd=tmp, env=env,
-                                   timeout=300)
+        results["domainbed"] = train_domainbed("CALIP", small_world, tmp / "domainbed", hparams,
+                                               "--test_envs", "0", "--steps", "1", env=env,
+                                               timeout=300)
     if not (upstream_missing("Dassl.pytorch", "dassl") or upstream_missing("CoOp", "dassl")):
         results["calip"] = train_coop("CALIP", small_world, tmp / "calip" / "base",
                                       "DATASET.SUBSAMPLE_CLASSES", "base", env=env)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tests import faults
-from tests.conftest import PY, TINY, launch_sweep, needs_domainbed, run
+from tests.conftest import PY, TINY, job_records, launch_sweep, needs_domainbed, run
 
 pytestmark = [needs_domainbed, faults.needs_proc]
 
@@ -37,11 +37,6 @@ def results(record: dict) -> str:
     record = {k: v for k, v in record.items() if k not in TIMING}
     record["args"] = {k: v for k, v in record["args"].items() if k != "output_dir"}
     return json.dumps(record, sort_keys=True)
-
-
-def job_records(job) -> list:
-    """Every line of a job's results.jsonl (a corrupt line fails the test)."""
-    return [json.loads(line) for line in (job / "results.jsonl").read_text().splitlines()]
 
 
 def collected(sweep_dir) -> list:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import PY, REPO, TINY, needs_coop, needs_domainbed, run
+from tests.conftest import PY, REPO, TINY, job_records, needs_coop, needs_domainbed, run
 
 ALIGNCLIP_TINY = {"aligned_layers": 2, "dv_layers": 2}  # tiny-vit has 4 blocks
 
@@ -31,7 +31,7 @@ def test_domainbed_job_stops_at_the_nonfinite_step(small_world, tmp_path):
     output = result.stdout + result.stderr  # train.py tees its stderr into its stdout
     assert last_line(output) == message, output[-2000:]
     assert last_line((out / "err.txt").read_text()) == message
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    records = job_records(out)
     assert [r["step"] for r in records] == [0]  # nothing recorded past the refused step
     assert not (out / "done").exists() and not (out / "model.pkl").exists()
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from algorithms import backbone
 from algorithms.core.registry import get_method
 from algorithms.flyp import contrastive_loss
-from tests.conftest import PY, TINY, base_then_new, needs_coop, needs_domainbed, run
+from tests.conftest import (TINY, base_then_new, job_records, needs_coop, needs_domainbed,
+                            train_domainbed)
 
 CLASSES = ["circle", "square", "star"]
 BATCH = (torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
@@ -117,13 +118,10 @@ def test_text_head_follows_loads_and_weight_averages():
 @needs_domainbed
 def test_domainbed_job_trains_the_whole_clip(small_world, tmp_path):
     out = tmp_path / "job"
-    result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "FLYP",
-                  "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
-                  "--test_envs", "1", "--steps", "3", "--checkpoint_freq", "2",
-                  "--output_dir", str(out), "--hparams", json.dumps({**TINY, "batch_size": 8})],
-                 cwd=tmp_path)
+    result = train_domainbed("FLYP", small_world, out, {**TINY, "batch_size": 8},
+                             "--test_envs", "1", "--steps", "3", "--checkpoint_freq", "2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    records = job_records(out)
     assert [r["step"] for r in records] == [0, 2]
     assert all(math.isfinite(r["loss"]) for r in records)
     assert 0.0 <= records[-1]["env1_out_acc"] <= 1.0

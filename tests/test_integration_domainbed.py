@@ -3,7 +3,7 @@ subprocesses: registration must reach every process through the installed hook."
 import json
 
 from sweeps import demo
-from tests.conftest import PY, TINY, needs_domainbed, run
+from tests.conftest import PY, TINY, job_records, needs_domainbed, run, train_domainbed
 
 pytestmark = needs_domainbed
 
@@ -39,10 +39,8 @@ def test_sweep_launch_then_collect_results(small_world, tmp_path):
 
 
 def test_train_script_rejects_too_small_training_split(small_world, tmp_path):
-    result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "ZSCLIP",
-                  "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
-                  "--steps", "1", "--output_dir", str(tmp_path / "job"),
-                  "--hparams", json.dumps({**TINY, "batch_size": 500})], cwd=tmp_path, timeout=300)
+    result = train_domainbed("ZSCLIP", small_world, tmp_path / "job", {**TINY, "batch_size": 500},
+                             "--steps", "1", timeout=300)
     assert result.returncode != 0
     assert "fewer than batch_size=500" in result.stdout + result.stderr  # train.py tees stderr
     assert not (tmp_path / "job" / "done").exists()
@@ -52,12 +50,10 @@ def test_alignclip_job_trains_and_saves_only_the_image_encoder(small_world, tmp_
     import torch
     out = tmp_path / "job"
     hparams = {**TINY, "batch_size": 8}  # the schedule spans the job's --steps
-    result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "AlignCLIP",
-                  "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
-                  "--test_envs", "1", "--steps", "3", "--checkpoint_freq", "2",
-                  "--output_dir", str(out), "--hparams", json.dumps(hparams)], cwd=tmp_path)
+    result = train_domainbed("AlignCLIP", small_world, out, hparams,
+                             "--test_envs", "1", "--steps", "3", "--checkpoint_freq", "2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    records = job_records(out)
     assert [r["step"] for r in records] == [0, 2]
     assert {"loss", "loss_cls", "loss_aal", "loss_last"} <= set(records[-1])
     saved = torch.load(out / "model.pkl", weights_only=True)["model_dict"]

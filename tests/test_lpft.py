@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from algorithms.core.registry import get_method
 from algorithms.lpft import StagedTrainingState, lp_steps
-from tests.conftest import PY, TINY, needs_coop, needs_domainbed, run, train_coop
+from tests.conftest import (TINY, job_records, needs_coop, needs_domainbed, train_coop,
+                            train_domainbed)
 
 CLASSES = ["circle", "square", "star"]
 BATCH = (torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
@@ -109,12 +110,10 @@ def test_fractions_zero_and_one_are_fine_tuning_and_probing():
 def test_domainbed_job_records_the_split(small_world, tmp_path):
     out = tmp_path / "job"
     hparams = {**TINY, "batch_size": 8, "lp_fraction": 0.5, "lp_init": "zeroshot"}
-    result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "LPFT",
-                  "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
-                  "--test_envs", "1", "--steps", "4", "--checkpoint_freq", "2",
-                  "--output_dir", str(out), "--hparams", json.dumps(hparams)], cwd=tmp_path)
+    result = train_domainbed("LPFT", small_world, out, hparams,
+                             "--test_envs", "1", "--steps", "4", "--checkpoint_freq", "2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    records = job_records(out)
     assert [r["step"] for r in records] == [0, 2, 3]
     assert [r["lp_stage"] for r in records] == [1.0, 0.5, 0.0]  # means over each interval
     assert records[-1]["lp_steps"] == 2.0 and records[-1]["hparams"]["total_steps"] == 4

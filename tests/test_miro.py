@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from algorithms import miro
 from algorithms.backbone.taps import encode_image_layers, stage_ends
 from algorithms.core.registry import get_method
-from tests.conftest import PY, TINY, needs_coop, needs_domainbed, run, train_coop
+from tests.conftest import (TINY, job_records, needs_coop, needs_domainbed, train_coop,
+                            train_domainbed)
 
 CLASSES = ["circle", "square", "star"]
 BATCH = (torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
@@ -115,12 +116,10 @@ def test_the_pretrained_copy_stays_frozen_and_out_of_checkpoints():
 def test_domainbed_job_on_the_generated_world(small_world, tmp_path):
     out = tmp_path / "job"
     hparams = {**TINY, "batch_size": 8}
-    result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "MIRO",
-                  "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
-                  "--test_envs", "1", "--steps", "3", "--checkpoint_freq", "2",
-                  "--output_dir", str(out), "--hparams", json.dumps(hparams)], cwd=tmp_path)
+    result = train_domainbed("MIRO", small_world, out, hparams,
+                             "--test_envs", "1", "--steps", "3", "--checkpoint_freq", "2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    records = job_records(out)
     assert [r["step"] for r in records] == [0, 2]
     assert {"loss", "loss_cls", "loss_mi"} <= set(records[-1])
     assert records[-1]["hparams"]["mi_lambda"] == 0.1 and records[-1]["args"]["algorithm"] == "MIRO"

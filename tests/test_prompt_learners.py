@@ -15,8 +15,8 @@ from algorithms.coop import (PromptLearner, assemble_prompts, class_token_order,
                              encode_prompts, prompt_template)
 from algorithms.core.registry import get_method
 from algorithms.kgcoop import knowledge_distance
-from tests.conftest import (CLIP_WORLD_CONFIG, PY, REPO, TINY, base_then_new, needs_coop,
-                            needs_domainbed, run)
+from tests.conftest import (CLIP_WORLD_CONFIG, REPO, TINY, base_then_new, job_records, needs_coop,
+                            needs_domainbed, train_domainbed)
 
 CLASSES = ["circle", "square", "big star"]
 BATCH = (torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
@@ -180,13 +180,10 @@ def test_cocoop_conditions_each_image_and_trains_its_meta_net():
 @needs_domainbed
 def test_domainbed_job_trains_only_the_prompt(small_world, tmp_path):
     out = tmp_path / "job"
-    result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "KgCoOp",
-                  "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
-                  "--test_envs", "1", "--steps", "3", "--checkpoint_freq", "2",
-                  "--output_dir", str(out), "--hparams", json.dumps({**TINY, "batch_size": 4})],
-                 cwd=tmp_path)
+    result = train_domainbed("KgCoOp", small_world, out, {**TINY, "batch_size": 4},
+                             "--test_envs", "1", "--steps", "3", "--checkpoint_freq", "2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    records = job_records(out)
     assert [r["step"] for r in records] == [0, 2]
     assert {"loss", "loss_ce", "loss_kg"} <= set(records[-1])
     assert 0.0 <= records[-1]["env1_out_acc"] <= 1.0

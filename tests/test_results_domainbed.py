@@ -13,7 +13,7 @@ from common.run_facts import run_facts
 from results import kind_domainbed, reference
 from results.kind_domainbed import load_sweep
 from results.tables import to_markdown
-from tests.conftest import PY, needs_domainbed, run
+from tests.conftest import PY, job_records, needs_domainbed, run
 
 PACS_ENVS = ["A", "C", "P", "S"]
 
@@ -347,7 +347,7 @@ def clipft_sweep(small_world, tmp_path_factory):
     assert proc.returncode == 0 and (job / "done").exists(), (proc.stdout + proc.stderr)[-3000:]
     copy = sweep / "job_t1"
     shutil.copytree(job, copy)
-    records = [json.loads(line) for line in (job / "results.jsonl").read_text().splitlines()]
+    records = job_records(job)
     for record in records:
         record["args"].update(trial_seed=1, output_dir=str(copy))
     (copy / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

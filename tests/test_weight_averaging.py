@@ -9,7 +9,8 @@ import torch
 
 from algorithms.core import averaging as avg
 from algorithms.core.registry import get_method, methods
-from tests.conftest import PY, TINY, needs_coop, needs_domainbed, run, train_coop
+from tests.conftest import (TINY, job_records, needs_coop, needs_domainbed, train_coop,
+                            train_domainbed)
 
 # a made-up loss per segment s1..s15: falls to s5, a valley to s9, then rises
 LOSSES = [5.0, 4.0, 3.0, 2.0, 1.0, 1.2, 1.1, 1.05, 1.3, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5]
@@ -163,12 +164,10 @@ def test_the_old_bma_switch_maps_to_averaging():
 def test_domainbed_job_with_swad(small_world, tmp_path):
     out = tmp_path / "job"
     hparams = {**TINY, "batch_size": 8, "averaging": "swad", "swad_segments": 2}
-    result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", "CLIPFT",
-                  "--dataset", "CLIPWorld", "--data_dir", small_world["domainbed_root"],
-                  "--test_envs", "1", "--steps", "4", "--checkpoint_freq", "2",
-                  "--output_dir", str(out), "--hparams", json.dumps(hparams)], cwd=tmp_path)
+    result = train_domainbed("CLIPFT", small_world, out, hparams,
+                             "--test_envs", "1", "--steps", "4", "--checkpoint_freq", "2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    records = job_records(out)
     assert records[-1]["hparams"]["run"]["config"]["averaging"] == "swad"
     saved = torch.load(out / "model.pkl", weights_only=True)["model_dict"]
     assert {k.split(".")[1] for k in saved} == {"visual", "swad"}

@@ -10,7 +10,7 @@ import torch
 
 from algorithms import backbone, wise_ft
 from common.run_facts import check_facts, file_digest, run_facts
-from tests.conftest import PY, TINY, needs_domainbed, run
+from tests.conftest import PY, TINY, job_records, needs_domainbed, run, train_domainbed
 
 
 # --- the rule, by hand ------------------------------------------------------------------
@@ -169,12 +169,10 @@ def test_training_domain_validation_and_oracle_choose_alpha_as_a_hyperparameter(
 
 def train(sweep: Path, algorithm: str, world, weights: str, steps: int):
     hparams = {**TINY, "clip_pretrained": weights, "batch_size": 8, "lr": 1e-3}
-    result = run([PY, "-m", "domainbed.scripts.train", "--algorithm", algorithm, "--dataset",
-                  "CLIPWorld", "--data_dir", world["domainbed_root"], "--test_envs", "1",
-                  "--steps", str(steps), "--output_dir", str(sweep / algorithm),
-                  "--hparams", json.dumps(hparams)], cwd=sweep.parent)
+    result = train_domainbed(algorithm, world, sweep / algorithm, hparams, "--test_envs", "1",
+                             "--steps", steps, cwd=sweep.parent)
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
-    return [json.loads(line) for line in (sweep / algorithm / "results.jsonl").open()]
+    return job_records(sweep / algorithm)
 
 
 def wise(*args):
@@ -192,7 +190,7 @@ def test_a_clipft_job_then_wise_ft_then_the_collector(small_world, tiny_weights,
     assert "1 job(s) evaluated at 3 alphas on cpu, 0 already done, 1 unfinished" in result.stderr
     job = sweep / "CLIPFT-WiSE-FT"
     assert (job / "done").exists() and not (sweep / "ZSCLIP-WiSE-FT").exists()
-    records = [json.loads(line) for line in (job / "results.jsonl").open()]
+    records = job_records(job)
     assert [r["hparams"]["alpha"] for r in records] == [0.0, 0.5, 1.0]
     assert [r["step"] for r in records] == [0, 1, 2]
     for r in records:
